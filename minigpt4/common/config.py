@@ -1,0 +1,245 @@
+"""YAML configs as LAVIS/MiniGPT-4 users write them, checked when they are loaded.
+
+A user file has ``model``, ``datasets`` and ``run`` sections. ``Config`` merges it over the
+defaults (the model class's model-type YAML, each dataset builder's ``default`` YAML,
+``configs/default.yaml``), then applies ``--options a.b=c`` overrides, then validates the model
+and run sections against the typed schemas below. Every failure is a :class:`ConfigError` that
+starts with the key path (``model.max_txt_len: ...``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from minigpt4.common.registry import RegistryError, registry
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message starts with the offending key path."""
+
+
+@dataclass
+class ModelConfig:
+    """Keys of the ``model`` section (the original's names and meanings, plus extensions)."""
+
+    arch: str = "mini_gpt4"
+    model_type: str = "pretrain_vicuna0"
+    # vision encoder
+    vit_model: str = "eva_clip_g"
+    vit_ckpt: Optional[str] = None  # None: random init (nano/tests); the YAML defaults set the URL
+    vit_config: Optional[Dict[str, Any]] = None  # overrides of the EVA-ViT-g shape
+    image_size: int = 224
+    drop_path_rate: float = 0.0
+    use_grad_checkpoint: bool = False
+    vit_precision: str = "fp16"
+    freeze_vit: bool = True
+    # Q-Former
+    has_qformer: bool = True
+    freeze_qformer: bool = True
+    num_query_token: int = 32
+    q_former_model: Optional[str] = None
+    qformer_config: Optional[Dict[str, Any]] = None  # overrides of the BERT-base shape
+    # LLM
+    llama_model: Optional[str] = None
+    torch_dtype: str = "float16"
+    autocast_dtype: str = "float16"
+    low_resource: bool = False
+    device_8bit: int = 0
+    load_in_4bit: bool = False
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # prompts and targets
+    prompt: str = ""
+    prompt_path: Optional[str] = None
+    prompt_template: str = ""
+    max_txt_len: int = 32
+    max_context_len: int = 3800
+    end_sym: str = "\n"
+    # a MiniGPT-4 checkpoint (llama_proj, and whatever else was trained)
+    ckpt: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    """Keys of the ``run`` section."""
+
+    task: str = "image_text_pretrain"
+    runner: str = "runner_base"
+    lr_sched: str = "linear_warmup_cosine_lr"
+    init_lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_lr: float = -1.0
+    warmup_steps: int = 0
+    lr_decay_rate: Optional[float] = None
+    weight_decay: float = 0.05
+    beta2: float = 0.999
+    max_epoch: int = 1
+    iters_per_epoch: Optional[int] = None
+    accum_grad_iters: int = 1
+    max_grad_norm: Optional[float] = None
+    num_workers: int = 4
+    seed: int = 42
+    output_dir: str = "output"
+    job_id: Optional[str] = None
+    job_name: Optional[str] = None
+    amp: bool = False
+    amp_dtype: str = "float16"
+    log_freq: int = 50
+    save_every_iters: Optional[int] = None
+    resume_ckpt_path: Optional[str] = None
+    evaluate: bool = False
+    train_splits: List[str] = field(default_factory=lambda: ["train"])
+    valid_splits: List[str] = field(default_factory=list)
+    test_splits: List[str] = field(default_factory=list)
+    device: str = "cuda"
+    world_size: int = 1
+    dist_url: str = "env://"
+    distributed: bool = True
+    gpu: Optional[int] = None
+    rank: Optional[int] = None
+    dist_backend: Optional[str] = None
+    wandb_log: bool = False
+    tensorboard_log: bool = False
+
+
+def _validated(section: str, schema: type, values: Any) -> DictConfig:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+        OmegaConf.to_container(merged, throw_on_missing=True)
+    except (ValidationError, ConfigKeyError, MissingMandatoryValue) as err:
+        key = f"{section}.{err.full_key}" if getattr(err, "full_key", None) else section
+        reason = str(err.msg if hasattr(err, "msg") else err).splitlines()[0]
+        if isinstance(err, ConfigKeyError):
+            known = ", ".join(sorted(f.name for f in schema.__dataclass_fields__.values()))
+            reason = f"unknown key (known keys: {known})"
+        raise ConfigError(f"{key}: {reason}") from None
+    return merged
+
+
+def _load_yaml(path: str | Path, what: str) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: no such file '{path}'")
+    try:
+        cfg = OmegaConf.load(path)
+    except (OmegaConfBaseException, ValueError) as err:  # yaml.YAMLError is a ValueError subclass here
+        raise ConfigError(f"{what}: '{path}' is not valid YAML ({err})") from err
+    except Exception as err:  # yaml's scanner errors
+        raise ConfigError(f"{what}: '{path}' is not valid YAML ({err})") from err
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{what}: '{path}' must hold a mapping")
+    return cfg
+
+
+def _parse_options(options: Sequence[str] | None) -> DictConfig:
+    options = list(options or [])
+    for opt in options:
+        if "=" not in opt:
+            raise ConfigError(f"--options: '{opt}' is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(options)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"--options: {err}") from err
+
+
+class Config:
+    """The merged, validated configuration of one run. ``Config(args)`` as in LAVIS."""
+
+    def __init__(self, args: argparse.Namespace | None = None, *, cfg_path: str | None = None, options: Sequence[str] | None = None):
+        if args is not None:
+            cfg_path, options = args.cfg_path, getattr(args, "options", None)
+        if cfg_path is None:
+            raise ConfigError("--cfg-path: no config file given")
+        self.cfg_path = str(cfg_path)
+        user = _load_yaml(cfg_path, "--cfg-path")
+        overrides = _parse_options(options)
+        user = OmegaConf.merge(user, overrides)
+        for unknown in set(user) - {"model", "datasets", "run", "preprocess", "env"}:
+            raise ConfigError(f"{unknown}: unknown section (expected model, datasets, run)")
+
+        env = _load_yaml(Path(registry.get_path("library_root")) / "configs" / "default.yaml", "configs/default.yaml")
+        model, preprocess = self._build_model_config(user)
+        datasets = self._build_dataset_config(user)
+        run = _validated("run", RunConfig, user.get("run", {}))
+        self.config: DictConfig = OmegaConf.merge(
+            env,
+            {"model": model, "preprocess": preprocess, "datasets": datasets, "run": run},
+            {"env": user.get("env", {})},
+        )
+        cache_root = self.config.env.get("cache_root")
+        if cache_root and not os.environ.get("MINIGPT4_CACHE"):
+            registry.register_path("cache_root", str(Path(cache_root).expanduser()))
+        registry.register("configuration", self)
+
+    @staticmethod
+    def _build_model_config(user: DictConfig) -> tuple[DictConfig, DictConfig]:
+        section = user.get("model")
+        if section is None:
+            raise ConfigError("model: missing section")
+        arch = section.get("arch")
+        if not arch:
+            raise ConfigError("model.arch: missing (e.g. arch: mini_gpt4)")
+        try:
+            model_cls = registry.get_model_class(arch)
+        except RegistryError as err:
+            raise ConfigError(f"model.arch: {err}") from None
+        model_type = section.get("model_type")
+        if not model_type:
+            raise ConfigError(f"model.model_type: missing; one of {', '.join(model_cls.PRETRAINED_MODEL_CONFIG_DICT)}")
+        if model_type not in model_cls.PRETRAINED_MODEL_CONFIG_DICT:
+            known = ", ".join(sorted(model_cls.PRETRAINED_MODEL_CONFIG_DICT))
+            raise ConfigError(f"model.model_type: unknown '{model_type}' for {arch}; known: {known}")
+        defaults = _load_yaml(model_cls.default_config_path(model_type), f"model.model_type={model_type}")
+        model = _validated("model", ModelConfig, OmegaConf.merge(defaults.get("model", {}), section))
+        preprocess = OmegaConf.merge(defaults.get("preprocess", {}), user.get("preprocess", {}))
+        return model, preprocess
+
+    @staticmethod
+    def _build_dataset_config(user: DictConfig) -> DictConfig:
+        datasets = user.get("datasets") or {}
+        merged = OmegaConf.create()
+        for name, section in datasets.items():
+            try:
+                builder_cls = registry.get_builder_class(name)
+            except RegistryError as err:
+                raise ConfigError(f"datasets.{name}: {err}") from None
+            section = section or {}
+            config_type = section.get("type", "default")
+            path = builder_cls.default_config_path(config_type)
+            defaults = _load_yaml(path, f"datasets.{name}.type={config_type}").get("datasets", {}).get(name, {})
+            merged[name] = OmegaConf.merge(defaults, section)
+            for key in ("batch_size", "sample_ratio"):
+                value = merged[name].get(key)
+                if value is not None and not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise ConfigError(f"datasets.{name}.{key}: expected a number, got {value!r}")
+        return merged
+
+    @property
+    def run_cfg(self) -> DictConfig:
+        return self.config.run
+
+    @property
+    def model_cfg(self) -> DictConfig:
+        return self.config.model
+
+    @property
+    def datasets_cfg(self) -> DictConfig:
+        return self.config.datasets
+
+    @property
+    def preprocess_cfg(self) -> DictConfig:
+        return self.config.preprocess
+
+    def to_dict(self) -> dict[str, Any]:
+        return OmegaConf.to_container(self.config, resolve=True)
+
+    def pretty_print(self) -> str:
+        return OmegaConf.to_yaml(self.config)

@@ -1,0 +1,4 @@
+from minigpt4.models.base_model import BaseModel
+from minigpt4.models.mini_gpt4 import MiniGPT4
+
+__all__ = ["BaseModel", "MiniGPT4"]

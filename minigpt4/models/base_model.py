@@ -1,0 +1,67 @@
+"""What every registered model shares: default config lookup, device, autocast, checkpoints."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from minigpt4.common.utils import CheckpointError, LIBRARY_ROOT, load_state_dict_file, resolve_file, unwrap_state_dict
+
+logger = logging.getLogger(__name__)
+
+
+class BaseModel(nn.Module):
+    PRETRAINED_MODEL_CONFIG_DICT: dict[str, str] = {}
+
+    @classmethod
+    def default_config_path(cls, model_type: str) -> Path:
+        if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
+            known = ", ".join(sorted(cls.PRETRAINED_MODEL_CONFIG_DICT))
+            raise KeyError(f"unknown model_type '{model_type}' for {cls.__name__}; known: {known}")
+        return LIBRARY_ROOT / cls.PRETRAINED_MODEL_CONFIG_DICT[model_type]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def maybe_autocast(self, dtype: torch.dtype = torch.float16):
+        # As the original: mixed precision on an accelerator, plain fp32 on the CPU.
+        if self.device.type == "cpu":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def load_checkpoint(
+        self,
+        path_or_url: str,
+        key: str = "model.ckpt",
+        key_map: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Load a ``{"model": ...}`` checkpoint with strict=False semantics, reporting the keys.
+
+        A file that matches none of this model's parameters, or matches them with the wrong
+        shapes, is an error rather than a silent no-op.
+        """
+        path = resolve_file(path_or_url, key)
+        state = unwrap_state_dict(load_state_dict_file(path, key))
+        if key_map is not None:
+            state = key_map(state)
+        own = self.state_dict()
+        unexpected = sorted(k for k in state if k not in own)
+        matched = [k for k in state if k in own]
+        if not matched:
+            sample = ", ".join(list(state)[:5]) or "no tensors"
+            raise CheckpointError(f"{key}: '{path}' holds none of this model's parameters (it has: {sample})")
+        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in matched if state[k].shape != own[k].shape]
+        if wrong:
+            raise CheckpointError(f"{key}: '{path}' has parameters of the wrong shape: {'; '.join(wrong[:5])}")
+        self.load_state_dict({k: state[k] for k in matched}, strict=False)
+        missing_trainable = [n for n, p in self.named_parameters() if p.requires_grad and n not in state]
+        logger.info("%s: loaded %d tensors from %s", key, len(matched), path)
+        if unexpected:
+            logger.warning("%s: %d unexpected keys ignored: %s", key, len(unexpected), ", ".join(unexpected[:10]))
+        if missing_trainable:
+            logger.warning("%s: trainable parameters not in the checkpoint: %s", key, ", ".join(missing_trainable[:10]))

@@ -1,0 +1,344 @@
+"""MiniGPT-4: frozen EVA-ViT-g + BLIP-2 Q-Former, one trainable Linear, frozen LLaMA.
+
+Read top to bottom it follows the paper's Figure 1: ``encode_img`` turns an image into LLM-width
+tokens, ``prompt_wrap`` puts them into the instruction, ``prepare_inputs`` appends the answer and
+builds the labels, ``forward`` returns the LLM's loss. ``from_config`` builds the parts from YAML
+and loads the released weights; the constructor only wires already-built modules together.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from minigpt4.common.config import ConfigError
+from minigpt4.common.registry import registry
+from minigpt4.common.utils import get_abs_path, load_state_dict_file, resolve_file, unwrap_state_dict
+from minigpt4.models.base_model import BaseModel
+from minigpt4.models.eva_vit import EVA_VIT_G_URL, build_eva_vit, convert_weights_to_fp16, eva_vit_key_map
+from minigpt4.models.qformer import BLIP2_FLANT5XXL_URL, build_qformer, qformer_key, qformer_key_map
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "<ImageHere>"
+# The Llama-2 variant has no Q-Former: it concatenates this many neighbouring patch tokens.
+PATCHES_PER_TOKEN = 4
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back, so it is safe on fp16 ViT output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def load_prompt_list(prompt_path: str | None, prompt_template: str = "") -> list[str]:
+    """The instruction prompts: lines of ``prompt_path`` holding ``<ImageHere>``, templated."""
+    if not prompt_path:
+        return []
+    path = get_abs_path(prompt_path)
+    if not path.is_file():
+        raise ConfigError(f"model.prompt_path: no such file '{prompt_path}'")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if IMAGE_PLACEHOLDER in line]
+    if not lines:
+        raise ConfigError(f"model.prompt_path: '{prompt_path}' has no line containing {IMAGE_PLACEHOLDER}")
+    return [prompt_template.format(line) if prompt_template else line for line in lines]
+
+
+@registry.register_model("mini_gpt4", "minigpt4")
+class MiniGPT4(BaseModel):
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "pretrain_vicuna0": "configs/models/minigpt4_vicuna0.yaml",
+        "pretrain_llama2": "configs/models/minigpt4_llama2.yaml",
+    }
+
+    def __init__(
+        self,
+        visual_encoder: nn.Module,
+        ln_vision: nn.Module,
+        llama_model: nn.Module,
+        llama_tokenizer: Any,
+        Qformer: nn.Module | None = None,
+        query_tokens: nn.Parameter | None = None,
+        *,
+        freeze_vit: bool = True,
+        freeze_qformer: bool = True,
+        prompt_list: Sequence[str] = (),
+        prompt_template: str = "",
+        max_txt_len: int = 32,
+        end_sym: str = "\n",
+        max_context_len: int = 3800,
+        low_resource: bool = False,
+        autocast_dtype: torch.dtype = torch.float16,
+    ) -> None:
+        super().__init__()
+        self.visual_encoder = visual_encoder
+        self.ln_vision = ln_vision
+        self.Qformer = Qformer
+        self.query_tokens = query_tokens
+        self.has_qformer = Qformer is not None
+        self.llama_model = llama_model
+        self.llama_tokenizer = llama_tokenizer
+        vision_width = self.Qformer.config.hidden_size if self.has_qformer else visual_encoder.num_features * PATCHES_PER_TOKEN
+        self.llama_proj = nn.Linear(vision_width, llama_model.config.hidden_size)
+        self.prompt_list = list(prompt_list)
+        self.prompt_template = prompt_template
+        self.max_txt_len = max_txt_len
+        self.end_sym = end_sym
+        self.max_context_len = max_context_len
+        self.low_resource = low_resource
+        self.autocast_dtype = autocast_dtype
+
+        # Frozen parts: no gradients, and eval mode (dropout off) even after .train().
+        self._frozen: list[nn.Module] = [self.llama_model]
+        if freeze_vit:
+            self._frozen += [self.visual_encoder, self.ln_vision]
+        if self.has_qformer and freeze_qformer:
+            self._frozen.append(self.Qformer)
+            self.query_tokens.requires_grad_(False)
+        for module in self._frozen:
+            module.requires_grad_(False)
+        self._enable_lora_grads()
+        self.train()
+
+    def _enable_lora_grads(self) -> None:
+        for name, param in self.llama_model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "MiniGPT4":
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+    # ---- image -> LLM tokens ---------------------------------------------------------------
+    def encode_img(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) images -> (B, N, llm_hidden) embeddings and their all-ones mask."""
+        device = image.device
+        if image.dim() > 4:
+            image = image.reshape(-1, *image.shape[-3:])
+        if self.low_resource:
+            # As the original: the ViT runs on the CPU in fp32 next to an 8-bit LLM on the GPU.
+            self.visual_encoder.to("cpu").float()
+            self.ln_vision.to("cpu").float()
+            image = image.to("cpu")
+        vit_dtype = self.visual_encoder.patch_embed.proj.weight.dtype
+        if vit_dtype == torch.float16 and image.device.type == "cpu":
+            raise RuntimeError("model.vit_precision: fp16 runs only on a GPU; set vit_precision: fp32 to run on the CPU")
+        with self.maybe_autocast(self.autocast_dtype):
+            image_embeds = self.ln_vision(self.visual_encoder.forward_features(image)).to(device)
+            if self.has_qformer:
+                query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+                image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
+                query_output = self.Qformer(
+                    query_embeds=query_tokens,
+                    encoder_hidden_states=image_embeds,
+                    encoder_attention_mask=image_atts,
+                    return_dict=True,
+                )
+                inputs_llama = self.llama_proj(query_output.last_hidden_state)
+            else:
+                image_embeds = image_embeds[:, 1:, :]  # drop CLS
+                bs, pn, hs = image_embeds.shape
+                image_embeds = image_embeds.reshape(bs, pn // PATCHES_PER_TOKEN, hs * PATCHES_PER_TOKEN)
+                inputs_llama = self.llama_proj(image_embeds)
+        atts_llama = torch.ones(inputs_llama.shape[:-1], dtype=torch.long, device=device)
+        return inputs_llama, atts_llama
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.llama_model.get_input_embeddings()(token_ids)
+
+    def _tokenize(self, text: str, device: torch.device) -> torch.Tensor:
+        return self.llama_tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+
+    # ---- instruction around the image --------------------------------------------------------
+    def prompt_wrap(
+        self, img_embeds: torch.Tensor, atts_img: torch.Tensor, prompts: str | Sequence[str] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace each ``<ImageHere>`` of each prompt by that sample's image tokens.
+
+        Returns right-padded embeddings (padding = embedding of the pad id) and their mask.
+        """
+        if not prompts:
+            return img_embeds, atts_img
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(img_embeds)
+        device = img_embeds.device
+        wrapped = []
+        for img, prompt in zip(img_embeds, prompts):
+            segments = prompt.split(IMAGE_PLACEHOLDER)
+            pieces = []
+            for seg in segments[:-1]:
+                pieces += [self.embed_tokens(self._tokenize(seg, device))[0], img]
+            pieces.append(self.embed_tokens(self._tokenize(segments[-1], device))[0])
+            wrapped.append(torch.cat(pieces)[: self.max_context_len])
+        max_len = max(len(w) for w in wrapped)
+        pad_id = torch.tensor(self.llama_tokenizer.pad_token_id, device=device)
+        wrapped_embs = self.embed_tokens(pad_id).expand(len(wrapped), max_len, -1).clone()
+        wrapped_atts = torch.zeros(len(wrapped), max_len, dtype=torch.long, device=device)
+        for i, emb in enumerate(wrapped):
+            wrapped_embs[i, : len(emb)] = emb
+            wrapped_atts[i, : len(emb)] = 1
+        return wrapped_embs, wrapped_atts
+
+    def _instruction(self, samples: Mapping[str, Any]) -> str | list[str] | None:
+        if "instruction_input" in samples:
+            instructions = samples["instruction_input"]
+            if self.prompt_template:
+                return [self.prompt_template.format(text) for text in instructions]
+            return list(instructions)
+        if self.prompt_list:
+            return random.choice(self.prompt_list)  # one prompt for the whole batch, as the original
+        return None
+
+    # ---- answer, labels, loss ------------------------------------------------------------------
+    def prepare_inputs(self, samples: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``inputs_embeds``, ``attention_mask`` and ``labels`` given to the LLM.
+
+        Per sample: ``[bos] + wrapped input + answer tokens + the input's padding``; labels are
+        -100 everywhere but on the answer's (non-pad) tokens.
+        """
+        img_embeds, img_atts = self.encode_img(samples["image"])
+        cond_embeds, cond_atts = self.prompt_wrap(img_embeds, img_atts, self._instruction(samples))
+
+        tokenizer = self.llama_tokenizer
+        tokenizer.padding_side = "right"
+        regress = tokenizer(
+            [answer + self.end_sym for answer in samples["answer"]],
+            return_tensors="pt",
+            padding="longest",
+            truncation=True,
+            max_length=self.max_txt_len,
+            add_special_tokens=False,
+        ).to(img_embeds.device)
+        regress_ids = regress.input_ids
+        regress_embeds = self.embed_tokens(regress_ids)
+        part_targets = regress_ids.masked_fill(regress_ids == tokenizer.pad_token_id, -100)
+
+        embs, atts, input_lens = [], [], []
+        for i in range(cond_embeds.shape[0]):
+            n = int(cond_atts[i].sum())
+            input_lens.append(n)
+            embs.append(torch.cat([cond_embeds[i, :n], regress_embeds[i], cond_embeds[i, n:]]))
+            atts.append(torch.cat([cond_atts[i, :n], regress.attention_mask[i], cond_atts[i, n:]]))
+        bos = torch.full_like(regress_ids[:, :1], tokenizer.bos_token_id)
+        inputs_embeds = torch.cat([self.embed_tokens(bos), torch.stack(embs)], dim=1)
+        attention_mask = torch.cat([cond_atts[:, :1], torch.stack(atts)], dim=1)
+
+        labels = torch.full(attention_mask.shape, -100, dtype=torch.long, device=attention_mask.device)
+        for i, target in enumerate(part_targets):
+            labels[i, input_lens[i] + 1 : input_lens[i] + 1 + len(target)] = target
+        return inputs_embeds, attention_mask, labels
+
+    def forward(self, samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        inputs_embeds, attention_mask, labels = self.prepare_inputs(samples)
+        with self.maybe_autocast(self.autocast_dtype):
+            outputs = self.llama_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, return_dict=True
+            )
+        return {"loss": outputs.loss}
+
+    # ---- building from YAML ------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], load_weights: bool = True) -> "MiniGPT4":
+        """Build from the ``model`` section of a config.
+
+        ``load_weights=False`` builds every part at its configured shape with random weights and
+        reads nothing but the LLM's ``config.json`` and tokenizer: with ``torch.device("meta")``
+        it shows the real architecture without a byte of weights.
+        """
+        from minigpt4.models.llm import load_llm, load_llm_tokenizer
+
+        get = cfg.get
+        visual_encoder = build_eva_vit(
+            get("vit_config"),
+            img_size=get("image_size", 224),
+            drop_path_rate=get("drop_path_rate", 0.0),
+            use_grad_checkpoint=get("use_grad_checkpoint", False),
+        )
+        if load_weights and get("vit_ckpt", EVA_VIT_G_URL):
+            state = unwrap_state_dict(load_state_dict_file(resolve_file(get("vit_ckpt", EVA_VIT_G_URL), "model.vit_ckpt")))
+            _load_part(visual_encoder, eva_vit_key_map(state, visual_encoder), "model.vit_ckpt")
+        if get("vit_precision", "fp16") == "fp16":
+            convert_weights_to_fp16(visual_encoder)
+        ln_vision = LayerNorm(visual_encoder.num_features)
+
+        Qformer = query_tokens = None
+        if get("has_qformer", True):
+            Qformer = build_qformer(visual_encoder.num_features, get("qformer_config"))
+            query_tokens = nn.Parameter(torch.zeros(1, get("num_query_token", 32), Qformer.config.hidden_size))
+            query_tokens.data.normal_(mean=0.0, std=Qformer.config.initializer_range)
+            q_former_model = get("q_former_model", BLIP2_FLANT5XXL_URL)
+            if load_weights and q_former_model:
+                # ln_vision is read from this file too, and only when there is a Q-Former:
+                # the Llama-2 variant keeps a fresh ln_vision, exactly as the original.
+                state = unwrap_state_dict(load_state_dict_file(resolve_file(q_former_model, "model.q_former_model")))
+                _load_part(Qformer, qformer_key_map(state), "model.q_former_model")
+                _load_part(ln_vision, {k[len("ln_vision.") :]: v for k, v in state.items() if k.startswith("ln_vision.")}, "model.q_former_model")
+                if "query_tokens" not in state:
+                    raise ConfigError(f"model.q_former_model: '{q_former_model}' holds no query_tokens")
+                query_tokens.data.copy_(state["query_tokens"])
+
+        llama_path = get("llama_model")
+        llama_tokenizer = load_llm_tokenizer(llama_path)
+        llama_model = load_llm(
+            llama_path,
+            torch_dtype=get("torch_dtype", "float16"),
+            low_resource=get("low_resource", False),
+            device_8bit=get("device_8bit", 0),
+            load_in_4bit=get("load_in_4bit", False),
+            lora_r=get("lora_r", 0),
+            lora_alpha=get("lora_alpha", 16),
+            lora_dropout=get("lora_dropout", 0.05),
+            lora_target_modules=list(get("lora_target_modules", ["q_proj", "v_proj"])),
+            load_weights=load_weights,
+        )
+
+        model = cls(
+            visual_encoder,
+            ln_vision,
+            llama_model,
+            llama_tokenizer,
+            Qformer,
+            query_tokens,
+            freeze_vit=get("freeze_vit", True),
+            freeze_qformer=get("freeze_qformer", True),
+            prompt_list=load_prompt_list(get("prompt_path"), get("prompt_template", "")),
+            prompt_template=get("prompt_template", ""),
+            max_txt_len=get("max_txt_len", 32),
+            end_sym=get("end_sym", "\n"),
+            max_context_len=get("max_context_len", 3800),
+            low_resource=get("low_resource", False),
+            autocast_dtype=getattr(torch, get("autocast_dtype", "float16")),
+        )
+        if load_weights and get("ckpt"):
+            model.load_checkpoint(get("ckpt"), "model.ckpt", key_map=lavis_names_to_ours)
+        return model
+
+
+def _load_part(module: nn.Module, state: Mapping[str, torch.Tensor], key: str) -> None:
+    """Load released weights into one frozen part; every parameter must be covered."""
+    result = module.load_state_dict(dict(state), strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("k_bias")]
+    if missing:
+        raise ConfigError(f"{key}: the checkpoint lacks {len(missing)} parameters of this shape, e.g. {', '.join(missing[:5])}")
+    if result.unexpected_keys:
+        logger.warning("%s: ignored %d unexpected keys: %s", key, len(result.unexpected_keys), ", ".join(result.unexpected_keys[:5]))
+
+
+
+def lavis_names_to_ours(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A MiniGPT-4 checkpoint written by the original code -> our names (only ``Qformer.*`` differ)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("Qformer.bert."):
+            new = qformer_key(key[len("Qformer.") :])
+            if new is None:
+                continue
+            key = "Qformer." + new
+        out[key] = value
+    return out

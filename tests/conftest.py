@@ -1,0 +1,154 @@
+"""Tiny fixtures shared by the whole suite, each built once per session.
+
+- ``REF``: the outputs of the original MiniGPT-4 code at tiny sizes (``tests/data/fidelity_reference``)
+  and its weights in the released file formats (LAVIS EVA, BLIP-2, MiniGPT-4 ``{"model": ...}``,
+  an HF LLaMA folder with only ``tokenizer.model`` like the Vicuna V0 folders).
+- ``tiny_model_cfg(variant)``: the ``model`` section that builds that tiny model from YAML.
+- ``sp_llama_dir``: a second tiny LLaMA folder whose sentencepiece tokenizer is trained here.
+- ``tiny_images``: a few JPEGs on disk.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+REF = TESTS / "data" / "fidelity_reference"
+
+TINY_VIT = {"embed_dim": 48, "depth": 2, "num_heads": 4}
+TINY_QFORMER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+
+
+def tiny_model_section(variant: str = "vicuna0", **overrides) -> dict:
+    """The ``model`` section of a YAML that builds the reference's tiny model (fp32, CPU)."""
+    llama2 = variant == "llama2"
+    section = {
+        "arch": "mini_gpt4",
+        "model_type": "pretrain_llama2" if llama2 else "pretrain_vicuna0",
+        "vit_config": dict(TINY_VIT),
+        "vit_ckpt": str(REF / "eva_vit_tiny.pth"),
+        "vit_precision": "fp32",
+        "has_qformer": not llama2,
+        "qformer_config": dict(TINY_QFORMER),
+        "num_query_token": 4,
+        "q_former_model": None if llama2 else str(REF / "blip2_tiny.pth"),
+        "llama_model": str(REF / "llama"),
+        "torch_dtype": "float32",
+        "ckpt": str(REF / ("minigpt4_tiny_llama2.pth" if llama2 else "minigpt4_tiny.pth")),
+    }
+    section.update(overrides)
+    return section
+
+
+@pytest.fixture(scope="session")
+def ref_tensors() -> dict:
+    return torch.load(REF / "reference.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def ref_json() -> dict:
+    return json.loads((REF / "reference.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cfg():
+    return tiny_model_section
+
+
+@pytest.fixture(scope="session")
+def write_yaml(tmp_path_factory):
+    """Write a config dict as YAML into a fresh temp dir and return its path."""
+    import yaml
+
+    def write(cfg: dict, name: str = "cfg.yaml") -> Path:
+        path = tmp_path_factory.mktemp("cfg") / name
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict:
+    """Both tiny variants built from their model sections, loaded with the reference weights."""
+    from minigpt4.models import MiniGPT4
+
+    torch.manual_seed(0)
+    return {v: MiniGPT4.from_config(tiny_model_section(v)).eval() for v in ("vicuna0", "llama2")}
+
+
+def train_sentencepiece(out_dir: Path, vocab_size: int = 300) -> Path:
+    """A LLaMA-style sentencepiece model (unk 0, bos 1, eos 2, byte fallback) trained on a toy corpus."""
+    import sentencepiece as spm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = out_dir / "corpus.txt"
+    words = "the a red green blue yellow purple orange circle square triangle image picture shape left right of to is".split()
+    lines = []
+    for i in range(400):
+        lines.append(" ".join(words[(i * k) % len(words)] for k in range(1, 12)))
+    lines += ["###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: A picture."] * 20
+    corpus.write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(out_dir / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    return out_dir / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def sp_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random LlamaForCausalLM folder with a sentencepiece tokenizer trained in the test."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("sp_llama")
+    train_sentencepiece(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory) -> list[Path]:
+    """Three small JPEGs of coloured rectangles."""
+    from PIL import Image, ImageDraw
+
+    out = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, colour in enumerate(["red", "green", "blue"]):
+        img = Image.new("RGB", (64 + 16 * i, 64), "white")
+        ImageDraw.Draw(img).rectangle([8, 8, 40, 40], fill=colour)
+        path = out / f"img{i}.jpg"
+        img.save(path, quality=95)
+        paths.append(path)
+    return paths
