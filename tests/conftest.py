@@ -152,3 +152,12 @@ def tiny_images(tmp_path_factory) -> list[Path]:
         img.save(path, quality=95)
         paths.append(path)
     return paths
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

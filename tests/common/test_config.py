@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import tiny_model_section
+from minigpt4.common.config import Config, ConfigError
+
+
+def load(write_yaml, cfg, options=None):
+    return Config(cfg_path=str(write_yaml(cfg)), options=options)
+
+
+def test_user_yaml_is_merged_over_the_model_type_defaults(write_yaml):
+    cfg = load(write_yaml, {"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna0", "llama_model": "/x", "max_txt_len": 160}})
+    m = cfg.model_cfg
+    assert m.max_txt_len == 160 and m.llama_model == "/x"
+    assert m.num_query_token == 32 and m.vit_precision == "fp16" and m.has_qformer  # from minigpt4_vicuna0.yaml
+    assert m.q_former_model.endswith("blip2_pretrained_flant5xxl.pth")
+    assert cfg.preprocess_cfg.vis_processor.eval.name == "blip2_image_eval"
+    assert cfg.run_cfg.lr_sched == "linear_warmup_cosine_lr"  # run defaults
+    llama2 = load(write_yaml, {"model": {"arch": "minigpt4", "model_type": "pretrain_llama2"}})
+    assert llama2.model_cfg.has_qformer is False
+
+
+def test_options_override_with_dotlist(write_yaml):
+    cfg = load(write_yaml, {"model": tiny_model_section()}, ["model.max_txt_len=77", "run.init_lr=3e-5", "model.end_sym='###'"])
+    assert cfg.model_cfg.max_txt_len == 77 and cfg.run_cfg.init_lr == 3e-5 and cfg.model_cfg.end_sym == "###"
+
+
+def test_to_dict_is_plain_and_round_trips(write_yaml):
+    cfg = load(write_yaml, {"model": tiny_model_section()})
+    d = cfg.to_dict()
+    assert isinstance(d, dict) and d["model"]["num_query_token"] == 4
+    assert OmegaConf.create(d).model.vit_config.embed_dim == 48
+
+
+@pytest.mark.parametrize(
+    "cfg,options,message",
+    [
+        ({"model": {"arch": "mini_gpt5", "model_type": "pretrain_vicuna0"}}, None, r"model\.arch: unknown model 'mini_gpt5'; known: mini_gpt4"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna13"}}, None, r"model\.model_type: unknown 'pretrain_vicuna13'.*known: pretrain_llama2, pretrain_vicuna0"),
+        ({"model": {"arch": "mini_gpt4"}}, None, r"model\.model_type: missing"),
+        ({"model": {"model_type": "pretrain_vicuna0"}}, None, r"model\.arch: missing"),
+        ({"run": {}}, None, r"model: missing section"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna0", "max_txt_len": "long"}}, None, r"model\.max_txt_len: .*long"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna0", "max_txt_lenn": 3}}, None, r"model\.max_txt_lenn: unknown key"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna0"}, "run": {"init_lr": "fast"}}, None, r"run\.init_lr: .*fast"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna0"}, "datasets": {"no_such_set": {}}}, None, r"datasets\.no_such_set: unknown builder"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna0"}, "trainig": {}}, None, r"trainig: unknown section"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna0"}}, ["model.max_txt_len"], r"--options: 'model.max_txt_len' is not of the form key=value"),
+    ],
+)
+def test_bad_configs_fail_at_load_with_the_key_path(write_yaml, cfg, options, message):
+    with pytest.raises(ConfigError, match=message):
+        load(write_yaml, cfg, options)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="--cfg-path: no such file"):
+        Config(cfg_path=str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        Config(cfg_path=str(bad))
