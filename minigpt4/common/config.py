@@ -64,8 +64,8 @@ class ModelConfig:
     max_txt_len: int = 32
     max_context_len: int = 3800
     end_sym: str = "\n"
-    # a MiniGPT-4 checkpoint (llama_proj, and whatever else was trained)
-    ckpt: Optional[str] = None
+    # MiniGPT-4 checkpoint(s) (llama_proj, and whatever else was trained): a path/URL or a list
+    ckpt: Any = None
 
 
 @dataclass

@@ -254,35 +254,7 @@ class MiniGPT4(BaseModel):
         from minigpt4.models.llm import load_llm, load_llm_tokenizer
 
         get = cfg.get
-        visual_encoder = build_eva_vit(
-            get("vit_config"),
-            img_size=get("image_size", 224),
-            drop_path_rate=get("drop_path_rate", 0.0),
-            use_grad_checkpoint=get("use_grad_checkpoint", False),
-        )
-        if load_weights and get("vit_ckpt", EVA_VIT_G_URL):
-            state = unwrap_state_dict(load_state_dict_file(resolve_file(get("vit_ckpt", EVA_VIT_G_URL), "model.vit_ckpt")))
-            _load_part(visual_encoder, eva_vit_key_map(state, visual_encoder), "model.vit_ckpt")
-        if get("vit_precision", "fp16") == "fp16":
-            convert_weights_to_fp16(visual_encoder)
-        ln_vision = LayerNorm(visual_encoder.num_features)
-
-        Qformer = query_tokens = None
-        if get("has_qformer", True):
-            Qformer = build_qformer(visual_encoder.num_features, get("qformer_config"))
-            query_tokens = nn.Parameter(torch.zeros(1, get("num_query_token", 32), Qformer.config.hidden_size))
-            query_tokens.data.normal_(mean=0.0, std=Qformer.config.initializer_range)
-            q_former_model = get("q_former_model", BLIP2_FLANT5XXL_URL)
-            if load_weights and q_former_model:
-                # ln_vision is read from this file too, and only when there is a Q-Former:
-                # the Llama-2 variant keeps a fresh ln_vision, exactly as the original.
-                state = unwrap_state_dict(load_state_dict_file(resolve_file(q_former_model, "model.q_former_model")))
-                _load_part(Qformer, qformer_key_map(state), "model.q_former_model")
-                _load_part(ln_vision, {k[len("ln_vision.") :]: v for k, v in state.items() if k.startswith("ln_vision.")}, "model.q_former_model")
-                if "query_tokens" not in state:
-                    raise ConfigError(f"model.q_former_model: '{q_former_model}' holds no query_tokens")
-                query_tokens.data.copy_(state["query_tokens"])
-
+        visual_encoder, ln_vision, Qformer, query_tokens = build_vision_parts(cfg, load_weights)
         llama_path = get("llama_model")
         llama_tokenizer = load_llm_tokenizer(llama_path, get("pad_token", "$$"))
         llama_model = load_llm(
@@ -316,8 +288,53 @@ class MiniGPT4(BaseModel):
             autocast_dtype=getattr(torch, get("autocast_dtype", "float16")),
         )
         if load_weights and get("ckpt"):
-            model.load_checkpoint(get("ckpt"), "model.ckpt", key_map=lavis_names_to_ours)
+            # a list loads in order: e.g. the nano model's stage-0 vision weights, then stage 1's llama_proj
+            ckpts = [get("ckpt")] if isinstance(get("ckpt"), str) else list(get("ckpt"))
+            for i, ckpt in enumerate(ckpts):
+                key = "model.ckpt" if len(ckpts) == 1 else f"model.ckpt[{i}]"
+                model.load_checkpoint(ckpt, key, key_map=lavis_names_to_ours)
         return model
+
+
+def build_vision_parts(
+    cfg: Mapping[str, Any], load_weights: bool = True
+) -> tuple[nn.Module, nn.Module, nn.Module | None, nn.Parameter | None]:
+    """``visual_encoder``, ``ln_vision``, ``Qformer`` and ``query_tokens`` from a model section.
+
+    Loads the LAVIS EVA and BLIP-2 files named by ``vit_ckpt``/``q_former_model`` (URL or path);
+    ``Qformer``/``query_tokens`` are None when ``has_qformer`` is False.
+    """
+    get = cfg.get
+    visual_encoder = build_eva_vit(
+        get("vit_config"),
+        img_size=get("image_size", 224),
+        drop_path_rate=get("drop_path_rate", 0.0),
+        use_grad_checkpoint=get("use_grad_checkpoint", False),
+    )
+    if load_weights and get("vit_ckpt", EVA_VIT_G_URL):
+        state = unwrap_state_dict(load_state_dict_file(resolve_file(get("vit_ckpt", EVA_VIT_G_URL), "model.vit_ckpt")))
+        _load_part(visual_encoder, eva_vit_key_map(state, visual_encoder), "model.vit_ckpt")
+    if get("vit_precision", "fp16") == "fp16":
+        convert_weights_to_fp16(visual_encoder)
+    ln_vision = LayerNorm(visual_encoder.num_features)
+    if not get("has_qformer", True):
+        return visual_encoder, ln_vision, None, None
+
+    Qformer = build_qformer(visual_encoder.num_features, get("qformer_config"))
+    query_tokens = nn.Parameter(torch.zeros(1, get("num_query_token", 32), Qformer.config.hidden_size))
+    query_tokens.data.normal_(mean=0.0, std=Qformer.config.initializer_range)
+    q_former_model = get("q_former_model", BLIP2_FLANT5XXL_URL)
+    if load_weights and q_former_model:
+        # ln_vision is read from this file too, and only when there is a Q-Former:
+        # the Llama-2 variant keeps a fresh ln_vision, exactly as the original.
+        state = unwrap_state_dict(load_state_dict_file(resolve_file(q_former_model, "model.q_former_model")))
+        _load_part(Qformer, qformer_key_map(state), "model.q_former_model")
+        ln_state = {k[len("ln_vision.") :]: v for k, v in state.items() if k.startswith("ln_vision.")}
+        _load_part(ln_vision, ln_state, "model.q_former_model")
+        if "query_tokens" not in state:
+            raise ConfigError(f"model.q_former_model: '{q_former_model}' holds no query_tokens")
+        query_tokens.data.copy_(state["query_tokens"])
+    return visual_encoder, ln_vision, Qformer, query_tokens
 
 
 def _load_part(module: nn.Module, state: Mapping[str, torch.Tensor], key: str) -> None:

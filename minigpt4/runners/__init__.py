@@ -1,0 +1,3 @@
+from minigpt4.runners.runner_base import RunnerBase
+
+__all__ = ["RunnerBase"]

@@ -1,0 +1,9 @@
+from minigpt4.datasets.builders.base_dataset_builder import BaseDatasetBuilder
+from minigpt4.datasets.builders.image_text_pair_builder import (
+    CCSBUAlignBuilder,
+    CCSBUBuilder,
+    GeneratedShapesBuilder,
+    LaionBuilder,
+)
+
+__all__ = ["BaseDatasetBuilder", "CCSBUAlignBuilder", "CCSBUBuilder", "GeneratedShapesBuilder", "LaionBuilder"]

@@ -1,0 +1,83 @@
+"""The registered builders: ``laion``, ``cc_sbu`` (stage 1), ``cc_sbu_align`` (stage 2), ``generated_shapes``."""
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+from typing import Callable
+
+from braceexpand import braceexpand
+
+from minigpt4.common.registry import registry
+from minigpt4.common.utils import get_abs_path
+from minigpt4.datasets.builders.base_dataset_builder import BaseDatasetBuilder
+from minigpt4.datasets.data_utils import DatasetError
+from minigpt4.datasets.datasets import CCSBUAlignDataset, GeneratedShapesDataset, ImageTextShards
+
+logger = logging.getLogger(__name__)
+
+
+def expand_shards(storage: str, key: str) -> list[str]:
+    """``/data/{00000..01255}.tar`` (or a folder of ``.tar`` files) -> the shard files that exist."""
+    patterns = [storage] if not Path(storage).is_dir() else [str(Path(storage) / "*.tar")]
+    candidates = [p for pattern in patterns for p in braceexpand(pattern)]
+    shards = sorted({s for c in candidates for s in (glob.glob(c) if any(ch in c for ch in "*?[") else [c]) if Path(s).is_file()})
+    if not shards:
+        folder = Path(storage) if Path(storage).is_dir() else Path(storage).parent
+        if not folder.is_dir():
+            raise DatasetError(f"{key}: no such folder '{folder}'")
+        raise DatasetError(f"{key}: no shard matches '{storage}'")
+    missing = len(candidates) - len(shards)
+    if missing > 0 and not any(ch in storage for ch in "*?["):
+        logger.warning("%s: %d of the %d shards of '%s' are missing; using the %d found", key, missing, len(candidates), storage, len(shards))
+    return shards
+
+
+class ImageTextShardBuilder(BaseDatasetBuilder):
+    def build(self, vis_processor: Callable, text_processor: Callable | None) -> ImageTextShards:
+        key = self.key("build_info", "storage")
+        return ImageTextShards(expand_shards(self.storage(), key), vis_processor, text_processor, location=key)
+
+
+@registry.register_builder("laion")
+class LaionBuilder(ImageTextShardBuilder):
+    name = "laion"
+    DATASET_CONFIG_DICT = {"default": "configs/datasets/laion/defaults.yaml"}
+
+
+@registry.register_builder("cc_sbu")
+class CCSBUBuilder(ImageTextShardBuilder):
+    name = "cc_sbu"
+    DATASET_CONFIG_DICT = {"default": "configs/datasets/cc_sbu/defaults.yaml"}
+
+
+@registry.register_builder("cc_sbu_align")
+class CCSBUAlignBuilder(BaseDatasetBuilder):
+    name = "cc_sbu_align"
+    DATASET_CONFIG_DICT = {"default": "configs/datasets/cc_sbu_align/defaults.yaml"}
+    text_processor_required = False  # captions are used raw
+
+    def build(self, vis_processor: Callable, text_processor: Callable | None) -> CCSBUAlignDataset:
+        key = self.key("build_info", "storage")
+        root = get_abs_path(self.storage())
+        if not root.is_dir():
+            raise DatasetError(f"{key}: no such folder '{self.storage()}'")
+        return CCSBUAlignDataset(root, vis_processor, text_processor, location=key)
+
+
+@registry.register_builder("generated_shapes")
+class GeneratedShapesBuilder(BaseDatasetBuilder):
+    name = "generated_shapes"
+    DATASET_CONFIG_DICT = {"default": "configs/datasets/generated_shapes/defaults.yaml"}
+    text_processor_required = False
+
+    def build(self, vis_processor: Callable, text_processor: Callable | None) -> GeneratedShapesDataset:
+        info = self.config.get("build_info", {})
+        return GeneratedShapesDataset(
+            vis_processor,
+            text_processor,
+            num_samples=int(info.get("num_samples", 256)),
+            image_size=int(info.get("image_size", 224)),
+            seed=int(info.get("seed", 0)),
+            location=self.key("build_info"),
+        )

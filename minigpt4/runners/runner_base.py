@@ -1,0 +1,374 @@
+"""The training loop of both MiniGPT-4 stages, as the original runner with exact resume added.
+
+An epoch is ``run.iters_per_epoch`` iterations over endless data (the LAION/CC/SBU streams have no
+natural end). Each iteration: draw a batch (datasets mixed by ``sample_ratio``), set the lr for
+``(epoch, iteration)``, forward under autocast, backward through the GradScaler, and every
+``accum_grad_iters`` iterations clip (optional) and step AdamW.
+
+Checkpoints hold only the trainable parameters, the optimizer, the scaler, the config, the
+position, and, to make a resumed run equal an uninterrupted one, every rank's RNG states and data
+position. They are written atomically (temp file + rename), after every epoch
+(``checkpoint_<epoch>.pth``) and every ``run.save_every_iters`` iterations
+(``checkpoint_<epoch>_iter<n>.pth``, only the newest is kept).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from minigpt4.common import dist_utils
+from minigpt4.common.config import Config, ConfigError
+from minigpt4.common.logger import MetricLogger
+from minigpt4.common.optims import build_optimizer
+from minigpt4.common.registry import RegistryError, registry
+from minigpt4.common.utils import CheckpointError, load_state_dict_file
+from minigpt4.datasets.data_utils import BatchStream, MultiIterLoader, ResumableLoader, move_to_device
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "minigpt4-training-checkpoint"
+_CKPT_NAME = re.compile(r"^checkpoint_(\d+)(?:_iter(\d+))?\.pth$")
+AMP_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def checkpoint_position(path: Path) -> tuple[int, int] | None:
+    """``(epoch, iterations done in it)`` from a checkpoint's name; an epoch-end file sorts last."""
+    match = _CKPT_NAME.match(path.name)
+    if not match:
+        return None
+    epoch, iters = int(match.group(1)), match.group(2)
+    return (epoch, int(iters)) if iters is not None else (epoch, 1 << 62)
+
+
+def find_latest_checkpoint(folder: Path) -> Path | None:
+    """The most advanced complete checkpoint in ``folder`` (temp files of a killed save are ignored)."""
+    found = [(pos, p) for p in Path(folder).glob("checkpoint_*.pth") if (pos := checkpoint_position(p))]
+    return max(found)[1] if found else None
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # numpy's array as a list: the checkpoint must load with weights_only=True
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@registry.register_runner("runner_base")
+class RunnerBase:
+    def __init__(self, cfg: Config, task, model: nn.Module, datasets: Mapping[str, Mapping[str, Any]], job_id: str, dist: dist_utils.DistInfo | None = None):
+        self.config = cfg
+        self.run_cfg = cfg.run_cfg
+        self.task = task
+        self.datasets = datasets
+        self.job_id = job_id
+        self.dist = dist or dist_utils.DistInfo(dist_utils.get_rank(), dist_utils.get_world_size(), 0, torch.device(self.run_cfg.device))
+        self.device = self.dist.device
+        # relative to the working directory (LAVIS put it under the installed package)
+        self.output_dir = Path(self.run_cfg.output_dir) / job_id
+
+        run = self.run_cfg
+        self.max_epoch = int(run.max_epoch)
+        self.accum_grad_iters = int(run.accum_grad_iters)
+        if self.accum_grad_iters < 1:
+            raise ConfigError(f"run.accum_grad_iters: must be >= 1, got {self.accum_grad_iters}")
+        self.save_every_iters = int(run.save_every_iters or 0)
+        if self.save_every_iters % self.accum_grad_iters:
+            # a checkpoint between two micro-batches would lose the accumulated gradient
+            raise ConfigError(f"run.save_every_iters: {self.save_every_iters} must be a multiple of run.accum_grad_iters ({self.accum_grad_iters})")
+        if run.amp_dtype not in AMP_DTYPES:
+            raise ConfigError(f"run.amp_dtype: unknown '{run.amp_dtype}'; one of {', '.join(AMP_DTYPES)}")
+        self.amp_dtype = AMP_DTYPES[run.amp_dtype]
+        self.use_amp = bool(run.amp)
+        if self.use_amp and self.device.type == "cpu" and self.amp_dtype == torch.float16:
+            logger.warning("run.amp: fp16 autocast needs a GPU; training in fp32 on the CPU (amp_dtype: bfloat16 works on CPUs)")
+            self.use_amp = False
+        # bf16 has fp32's exponent range: no loss scaling needed
+        self.use_scaler = self.use_amp and self.amp_dtype == torch.float16
+
+        self._model = model
+        self._wrapped_model: nn.Module | None = None
+        self.train_loader = self._build_train_loader()
+        self.iters_per_epoch = self._iters_per_epoch()
+        self.model  # placed (and DDP-wrapped) before the optimizer sees the parameters: fused AdamW needs them on the GPU
+        self.optimizer = build_optimizer(self.unwrap_model(), run.init_lr, run.weight_decay, run.get("beta2", 0.999))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
+        self.lr_scheduler = self._build_lr_scheduler()
+        self.start_epoch, self.start_iter = 0, 0
+        self._rng_to_restore: Mapping[str, Any] | None = None
+        self.history: list[dict[str, float]] = []  # per-iteration loss/lr of this process
+        self._trackers: dict[str, Any] = {}
+
+    # ---- parts ----------------------------------------------------------------------------------
+    def unwrap_model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def model(self) -> nn.Module:
+        """The model on its device, wrapped in DDP under torchrun."""
+        if self._wrapped_model is None:
+            if not getattr(self._model, "low_resource", False):  # an 8-bit LLM is already placed
+                self._model = self._model.to(self.device)
+            model = self._model
+            if self.dist.distributed:
+                # frozen weights are loaded from the same files on every rank: skip DDP's
+                # broadcast of them (tens of GB for the LLM) and sync only what is trained
+                frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+                frozen += [n for n, _ in model.named_buffers()]
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+                model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self._wrapped_model = model
+        return self._wrapped_model
+
+    def _build_train_loader(self) -> MultiIterLoader:
+        loaders, ratios = [], []
+        num_workers = int(self.run_cfg.num_workers)
+        for name, splits in self.datasets.items():
+            dataset_cfg = self.config.datasets_cfg[name]
+            batch_size = dataset_cfg.get("batch_size")
+            if not batch_size:
+                raise ConfigError(f"datasets.{name}.batch_size: missing (the per-GPU batch size)")
+            if "train" not in splits:
+                raise ConfigError(f"datasets.{name}: its builder made no 'train' split")
+            stream = BatchStream(splits["train"], int(batch_size), int(self.run_cfg.seed), self.dist.rank, self.dist.world_size, num_workers)
+            loaders.append(ResumableLoader(stream, num_workers, pin_memory=self.device.type == "cuda"))
+            ratios.append(float(dataset_cfg.get("sample_ratio", 1)))
+        return MultiIterLoader(loaders, ratios, seed=int(self.run_cfg.seed), rank=self.dist.rank)
+
+    def _iters_per_epoch(self) -> int:
+        if self.run_cfg.iters_per_epoch:
+            return int(self.run_cfg.iters_per_epoch)
+        streams = [loader.stream for loader in self.train_loader.loaders]
+        if len(streams) == 1 and not streams[0].is_stream:
+            return max(1, len(streams[0].dataset) // (streams[0].batch_size * self.dist.world_size))
+        raise ConfigError("run.iters_per_epoch: required when training on webdataset shards or on several datasets")
+
+    def _build_lr_scheduler(self):
+        run = self.run_cfg
+        try:
+            cls = registry.get_lr_scheduler_class(run.lr_sched)
+        except RegistryError as err:
+            raise ConfigError(f"run.lr_sched: {err}") from None
+        return cls(
+            optimizer=self.optimizer,
+            max_epoch=self.max_epoch,
+            iters_per_epoch=self.iters_per_epoch,
+            min_lr=float(run.min_lr),
+            init_lr=float(run.init_lr),
+            decay_rate=run.lr_decay_rate if run.lr_decay_rate is not None else 1,
+            warmup_start_lr=float(run.get("warmup_lr", -1)),
+            warmup_steps=int(run.get("warmup_steps", 0)),
+        )
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def train(self) -> list[dict[str, float]]:
+        resume = self.run_cfg.resume_ckpt_path
+        if resume:
+            self.resume_from(Path(resume))
+        if dist_utils.is_main_process():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._setup_trackers()
+        if self._rng_to_restore is not None:
+            _set_rng_state(self._rng_to_restore)
+        logger.info("training %d epochs x %d iterations from epoch %d iteration %d; output in %s",
+                    self.max_epoch, self.iters_per_epoch, self.start_epoch, self.start_iter, self.output_dir)
+        start = time.time()
+        epoch_stats = []
+        try:
+            for epoch in range(self.start_epoch, self.max_epoch):
+                stats = self.train_epoch(epoch, self.start_iter if epoch == self.start_epoch else 0)
+                self.save_checkpoint(epoch, self.iters_per_epoch)
+                self.log_stats({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}})
+                epoch_stats.append(stats)
+                dist_utils.barrier()
+        finally:
+            self.train_loader.close()
+            self._close_trackers()
+        logger.info("training time %.1f s", time.time() - start)
+        return epoch_stats
+
+    def train_epoch(self, epoch: int, start_iter: int = 0) -> dict[str, float]:
+        model = self.model
+        model.train()
+        metrics = MetricLogger()
+        main = dist_utils.is_main_process()
+        bar = tqdm(range(start_iter, self.iters_per_epoch), initial=start_iter, total=self.iters_per_epoch,
+                   desc=f"epoch {epoch}", disable=not main, dynamic_ncols=True)
+        for i in bar:
+            samples = move_to_device(next(self.train_loader), self.device)
+            lr = self.lr_scheduler.step(epoch, i)
+            last_micro_step = (i + 1) % self.accum_grad_iters == 0
+            sync = contextlib.nullcontext() if last_micro_step or not self.dist.distributed else model.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                    loss = self.task.train_step(model, samples)
+                self.scaler.scale(loss / self.accum_grad_iters).backward()
+            if last_micro_step:
+                if self.run_cfg.max_grad_norm:
+                    self.scaler.unscale_(self.optimizer)
+                    params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, float(self.run_cfg.max_grad_norm))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+
+            loss_value = loss.item()
+            metrics.update(loss=loss_value, lr=lr)
+            self.history.append({"epoch": epoch, "iter": i, "loss": loss_value, "lr": lr})
+            done = i + 1
+            global_step = epoch * self.iters_per_epoch + done
+            if main:
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                if global_step % max(int(self.run_cfg.log_freq), 1) == 0:
+                    self.log_stats({"epoch": epoch, "iter": i, "global_step": global_step, "loss": loss_value, "lr": lr})
+            if self.save_every_iters and global_step % self.save_every_iters == 0 and done < self.iters_per_epoch:
+                self.save_checkpoint(epoch, done)
+        bar.close()
+        stats = metrics.global_avg()
+        stats["loss"] = dist_utils.all_reduce_mean(stats.get("loss", float("nan")), self.device)
+        stats["broken_samples"] = self.train_loader.broken
+        return stats
+
+    # ---- logging --------------------------------------------------------------------------------
+    def _setup_trackers(self) -> None:
+        if self.run_cfg.tensorboard_log:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._trackers["tensorboard"] = SummaryWriter(str(self.output_dir / "tensorboard"))
+            except ImportError:
+                logger.warning("run.tensorboard_log: tensorboard is not installed (pip install tensorboard); not logging to it")
+        if self.run_cfg.wandb_log:
+            try:
+                import wandb
+
+                self._trackers["wandb"] = wandb.init(
+                    project="minigpt4", name=self.run_cfg.job_name or self.job_id, id=self.job_id, resume="allow", config=self.config.to_dict()
+                )
+            except ImportError:
+                logger.warning("run.wandb_log: wandb is not installed (pip install wandb); not logging to it")
+
+    def _close_trackers(self) -> None:
+        if "tensorboard" in self._trackers:
+            self._trackers["tensorboard"].close()
+        if "wandb" in self._trackers:
+            self._trackers["wandb"].finish()
+        self._trackers.clear()
+
+    @dist_utils.main_process
+    def log_stats(self, stats: Mapping[str, Any]) -> None:
+        """One JSON line in ``<output_dir>/<job_id>/log.txt`` (and TensorBoard/W&B when enabled)."""
+        with open(self.output_dir / "log.txt", "a") as f:
+            f.write(json.dumps(dict(stats)) + "\n")
+        step = stats.get("global_step", (stats["epoch"] + 1) * self.iters_per_epoch)
+        scalars = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and k not in ("epoch", "iter", "global_step")}
+        if "tensorboard" in self._trackers:
+            for k, v in scalars.items():
+                self._trackers["tensorboard"].add_scalar(f"train/{k}", v, step)
+        if "wandb" in self._trackers:
+            self._trackers["wandb"].log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, epoch: int, iters_done: int) -> Path | None:
+        """Write the checkpoint for "``iters_done`` iterations of ``epoch`` are finished".
+
+        Every rank must call it (it gathers each rank's data position and RNG states); rank 0 writes.
+        """
+        data_state = dist_utils.all_gather_object(self.train_loader.state_dict())
+        rng_state = dist_utils.all_gather_object(_rng_state())
+        if not dist_utils.is_main_process():
+            return None
+        model = self.unwrap_model()
+        end_of_epoch = iters_done >= self.iters_per_epoch
+        path = self.output_dir / (f"checkpoint_{epoch}.pth" if end_of_epoch else f"checkpoint_{epoch}_iter{iters_done}.pth")
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": self.config.to_dict(),
+            "epoch": epoch,
+            "iters": iters_done,
+            "iters_per_epoch": self.iters_per_epoch,
+            "world_size": self.dist.world_size,
+            "data_state": data_state,
+            "rng_state": rng_state,
+        }
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a reader (or --resume auto after a kill) sees the old or the new file, never half
+        logger.info("saved %s", path)
+        for old in self.output_dir.glob("checkpoint_*_iter*.pth"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        return path
+
+    def resume_from(self, path: Path, key: str = "run.resume_ckpt_path") -> None:
+        """Restore model, optimizer, scaler, position, and (our own checkpoints) RNG and data state."""
+        ckpt = load_state_dict_file(path, key)
+        needed = {"model", "optimizer", "epoch"}
+        if not isinstance(ckpt, dict) or not needed <= set(ckpt):
+            found = ", ".join(sorted(map(str, ckpt))[:8]) if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise CheckpointError(
+                f"{key}: '{path}' is not a training checkpoint (needs {', '.join(sorted(needed))}; it has {found}). "
+                "To start from its weights instead, set model.ckpt to it."
+            )
+        model = self.unwrap_model()
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        missing = [n for n in trainable if n not in ckpt["model"]]
+        if missing:
+            raise CheckpointError(f"{key}: '{path}' lacks trainable parameters of this model: {', '.join(missing[:5])}")
+        try:
+            model.load_state_dict(ckpt["model"], strict=False)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{key}: '{path}' does not fit this model/optimizer ({err})") from None
+        if self.use_scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+
+        epoch = int(ckpt["epoch"])
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            # a checkpoint of the original code: as it did, continue with the next epoch
+            logger.warning("%s: '%s' has no data/RNG state; continuing at epoch %d (not bit-exact)", key, path, epoch + 1)
+            self.start_epoch, self.start_iter = epoch + 1, 0
+            return
+        if int(ckpt["iters_per_epoch"]) != self.iters_per_epoch:
+            raise CheckpointError(f"run.iters_per_epoch: the checkpoint '{path}' used {ckpt['iters_per_epoch']}, this run {self.iters_per_epoch}")
+        if int(ckpt["world_size"]) != self.dist.world_size:
+            raise CheckpointError(
+                f"{key}: '{path}' was written by {ckpt['world_size']} processes, this run has {self.dist.world_size}; "
+                "an exact resume needs the same number (or set model.ckpt to start from its weights)"
+            )
+        iters = int(ckpt["iters"])
+        self.start_epoch, self.start_iter = (epoch + 1, 0) if iters >= self.iters_per_epoch else (epoch, iters)
+        self.train_loader.load_state_dict(ckpt["data_state"][self.dist.rank])
+        self._rng_to_restore = ckpt["rng_state"][self.dist.rank]
+        logger.info("resumed from %s at epoch %d iteration %d", path, self.start_epoch, self.start_iter)
