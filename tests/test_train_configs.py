@@ -74,8 +74,8 @@ def test_tiny_cpu_config_is_self_contained(monkeypatch):
     assert cfg.run_cfg.device == "cpu" and not cfg.run_cfg.amp
     for key in ("vit_ckpt", "q_former_model", "llama_model", "ckpt", "prompt_path"):
         assert (REPO / cfg.model_cfg[key]).exists(), key
-    assert set(cfg.datasets_cfg) == {"generated_shapes"}
-    assert registry.get_builder_class("generated_shapes")
+    assert set(cfg.datasets_cfg) == {"synthetic_shapes"}
+    assert registry.get_builder_class("synthetic_shapes")
 
 
 def test_options_override_the_yaml():

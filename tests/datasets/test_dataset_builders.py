@@ -34,7 +34,7 @@ def same_batches(a, b):
         assert torch.equal(x["image"], y["image"])
 
 
-@pytest.mark.parametrize("name", ["laion", "cc_sbu", "cc_sbu_align", "generated_shapes"])
+@pytest.mark.parametrize("name", ["laion", "cc_sbu", "cc_sbu_align", "synthetic_shapes"])
 def test_builders_are_registered_with_packaged_defaults(name):
     cls = registry.get_builder_class(name)
     path = cls.default_config_path("default")
@@ -163,9 +163,11 @@ def test_multi_iter_loader_mixes_by_sample_ratio():
         MultiIterLoader([Counter("a")], [0])
 
 
-def test_generated_shapes_are_deterministic():
-    dataset = build("generated_shapes", **PROCESSORS)
-    assert len(dataset) == 256
+def test_synthetic_shapes_builder_is_deterministic_and_validates_its_kinds():
+    dataset = build("synthetic_shapes", vis_processor={"train": {"name": "blip2_image_eval", "image_size": 64}})
+    assert len(dataset) == 100_000
     a, b = dataset.load(7, seed=1), dataset.load(7, seed=1)
     assert torch.equal(a["image"], b["image"]) and a["answer"] == b["answer"]
-    assert a["answer"].startswith("a ") and a["image"].shape == (3, 224, 224)
+    assert a["image"].shape == (3, 64, 64) and a["instruction_input"].startswith("<Img><ImageHere></Img> ")
+    with pytest.raises(DatasetError, match=r"datasets\.synthetic_shapes\.build_info\.prompt_kinds: unknown \['poems'\]"):
+        build("synthetic_shapes", vis_processor={"train": {"name": "blip2_image_eval"}}, build_info={"prompt_kinds": ["poems"]})

@@ -2,8 +2,8 @@ from minigpt4.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from minigpt4.datasets.builders.image_text_pair_builder import (
     CCSBUAlignBuilder,
     CCSBUBuilder,
-    GeneratedShapesBuilder,
+    SyntheticShapesBuilder,
     LaionBuilder,
 )
 
-__all__ = ["BaseDatasetBuilder", "CCSBUAlignBuilder", "CCSBUBuilder", "GeneratedShapesBuilder", "LaionBuilder"]
+__all__ = ["BaseDatasetBuilder", "CCSBUAlignBuilder", "CCSBUBuilder", "SyntheticShapesBuilder", "LaionBuilder"]

@@ -1,4 +1,4 @@
-"""The registered builders: ``laion``, ``cc_sbu`` (stage 1), ``cc_sbu_align`` (stage 2), ``generated_shapes``."""
+"""The registered builders: ``laion``, ``cc_sbu`` (stage 1), ``cc_sbu_align`` (stage 2), ``synthetic_shapes`` (nano)."""
 from __future__ import annotations
 
 import glob
@@ -12,7 +12,8 @@ from minigpt4.common.registry import registry
 from minigpt4.common.utils import get_abs_path
 from minigpt4.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from minigpt4.datasets.data_utils import DatasetError
-from minigpt4.datasets.datasets import CCSBUAlignDataset, GeneratedShapesDataset, ImageTextShards
+from minigpt4.datasets.datasets import CCSBUAlignDataset, ImageTextShards
+from minigpt4.datasets.datasets.synthetic_shapes import PROMPT_KINDS, SyntheticShapesDataset
 
 logger = logging.getLogger(__name__)
 
@@ -65,19 +66,24 @@ class CCSBUAlignBuilder(BaseDatasetBuilder):
         return CCSBUAlignDataset(root, vis_processor, text_processor, location=key)
 
 
-@registry.register_builder("generated_shapes")
-class GeneratedShapesBuilder(BaseDatasetBuilder):
-    name = "generated_shapes"
-    DATASET_CONFIG_DICT = {"default": "configs/datasets/generated_shapes/defaults.yaml"}
-    text_processor_required = False
+@registry.register_builder("synthetic_shapes")
+class SyntheticShapesBuilder(BaseDatasetBuilder):
+    name = "synthetic_shapes"
+    DATASET_CONFIG_DICT = {"default": "configs/datasets/synthetic_shapes/defaults.yaml"}
+    text_processor_required = False  # answers are generated already clean
 
-    def build(self, vis_processor: Callable, text_processor: Callable | None) -> GeneratedShapesDataset:
+    def build(self, vis_processor: Callable, text_processor: Callable | None) -> SyntheticShapesDataset:
         info = self.config.get("build_info", {})
-        return GeneratedShapesDataset(
-            vis_processor,
-            text_processor,
-            num_samples=int(info.get("num_samples", 256)),
-            image_size=int(info.get("image_size", 224)),
-            seed=int(info.get("seed", 0)),
-            location=self.key("build_info"),
-        )
+        try:
+            return SyntheticShapesDataset(
+                vis_processor,
+                num_samples=int(info.get("num_samples", 100_000)),
+                image_size=int(info.get("image_size", 64)),
+                seed=int(info.get("seed", 0)),
+                max_shapes=int(info.get("max_shapes", 3)),
+                prompt_kinds=list(info.get("prompt_kinds", PROMPT_KINDS)),
+                instruction_template=info.get("instruction_template"),
+                location=self.key("build_info"),
+            )
+        except ValueError as err:
+            raise DatasetError(str(err)) from None
