@@ -53,6 +53,7 @@ class MiniGPT4(BaseModel):
     PRETRAINED_MODEL_CONFIG_DICT = {
         "pretrain_vicuna0": "configs/models/minigpt4_vicuna0.yaml",
         "pretrain_llama2": "configs/models/minigpt4_llama2.yaml",
+        "nano": "configs/models/minigpt4_nano.yaml",
     }
 
     def __init__(
@@ -91,6 +92,7 @@ class MiniGPT4(BaseModel):
         self.max_context_len = max_context_len
         self.low_resource = low_resource
         self.autocast_dtype = autocast_dtype
+        self.bos_prefix: list[int] = llama_tokenizer("", add_special_tokens=True).input_ids
 
         # Frozen parts: no gradients, and eval mode (dropout off) even after .train().
         self._frozen: list[nn.Module] = [self.llama_model]
@@ -225,13 +227,16 @@ class MiniGPT4(BaseModel):
             input_lens.append(n)
             embs.append(torch.cat([cond_embeds[i, :n], regress_embeds[i], cond_embeds[i, n:]]))
             atts.append(torch.cat([cond_atts[i, :n], regress.attention_mask[i], cond_atts[i, n:]]))
-        bos = torch.full_like(regress_ids[:, :1], tokenizer.bos_token_id)
-        inputs_embeds = torch.cat([self.embed_tokens(bos), torch.stack(embs)], dim=1)
-        attention_mask = torch.cat([cond_atts[:, :1], torch.stack(atts)], dim=1)
+        # The tokenizer's own start: [bos] for LLaMA (as the original), nothing for tokenizers
+        # that add no BOS (SmolLM2's ChatML), so training sees what chat will feed the LLM.
+        prefix = torch.tensor(self.bos_prefix, dtype=torch.long, device=regress_ids.device).expand(len(embs), -1)
+        inputs_embeds = torch.cat([self.embed_tokens(prefix), torch.stack(embs)], dim=1)
+        attention_mask = torch.cat([torch.ones_like(prefix), torch.stack(atts)], dim=1)
 
         labels = torch.full(attention_mask.shape, -100, dtype=torch.long, device=attention_mask.device)
+        start = prefix.shape[1]
         for i, target in enumerate(part_targets):
-            labels[i, input_lens[i] + 1 : input_lens[i] + 1 + len(target)] = target
+            labels[i, start + input_lens[i] : start + input_lens[i] + len(target)] = target
         return inputs_embeds, attention_mask, labels
 
     def forward(self, samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
