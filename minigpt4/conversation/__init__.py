@@ -1,0 +1,36 @@
+"""Conversation templates and the ``Chat`` engine of the demo and the CLI."""
+from minigpt4.conversation.conversation import (
+    CONV_TEMPLATES,
+    CONV_VISION,
+    CONV_VISION_LLama2,
+    CONV_VISION_Vicuna0,
+    Chat,
+    Conversation,
+    IMAGE_MESSAGE,
+    ImageError,
+    SeparatorStyle,
+    StoppingCriteriaSub,
+    StopMatcher,
+    clean_reply,
+    conv_template_for,
+    open_image,
+    stop_sequences,
+)
+
+__all__ = [
+    "CONV_TEMPLATES",
+    "CONV_VISION",
+    "CONV_VISION_LLama2",
+    "CONV_VISION_Vicuna0",
+    "Chat",
+    "Conversation",
+    "IMAGE_MESSAGE",
+    "ImageError",
+    "SeparatorStyle",
+    "StoppingCriteriaSub",
+    "StopMatcher",
+    "clean_reply",
+    "conv_template_for",
+    "open_image",
+    "stop_sequences",
+]

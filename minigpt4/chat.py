@@ -1,0 +1,221 @@
+"""Chat with MiniGPT-4 in the terminal, or caption a folder of images.
+
+    python -m minigpt4.chat --cfg-path eval_configs/minigpt4_eval.yaml --image a.jpg
+    python -m minigpt4.chat --cfg-path eval_configs/minigpt4_eval.yaml --caption-dir imgs/ --out captions.jsonl
+
+Questions are read line by line from stdin, so the chat also works over a pipe; answers stream to
+stdout. Captioning answers ``--batch-size`` images per ``generate`` call, writes one JSON line per
+image and skips images already in ``--out``, so an interrupted run resumes where it stopped.
+:func:`load_chat` is the model loading shared with ``demo.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+logger = logging.getLogger("minigpt4.chat")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+DEFAULT_CAPTION_PROMPT = "Describe this image in detail."
+
+
+def pick_device(gpu_id: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{gpu_id}")
+    logger.warning("no CUDA GPU: running on the CPU (--gpu-id %d ignored)", gpu_id)
+    return torch.device("cpu")
+
+
+def load_chat(cfg_path: str | Path, options: Sequence[str] | None = None, gpu_id: int = 0):
+    """Build the model, its eval image processor and a :class:`Chat` from a config file."""
+    from minigpt4.common.config import Config
+    from minigpt4.common.registry import registry
+    from minigpt4.conversation import Chat, conv_template_for
+
+    cfg = Config(cfg_path=str(cfg_path), options=list(options or []))
+    model_cfg = cfg.model_cfg
+    device = pick_device(gpu_id)
+    model_cfg.device_8bit = gpu_id  # the 8-bit LLM is placed on the same GPU, as the original demo
+    model = registry.get_model_class(model_cfg.arch).from_config(model_cfg).eval()
+    if model_cfg.get("low_resource") or model_cfg.get("load_in_4bit"):
+        # A quantized LLM is already on its GPU and refuses .to(); move the rest only.
+        for name, child in model.named_children():
+            if name != "llama_model":
+                child.to(device)
+        if model.query_tokens is not None:
+            model.query_tokens.data = model.query_tokens.data.to(device)
+    else:
+        model.to(device)
+
+    # The stage-2 dataset's processor when the config names it (as the original), else the eval one.
+    vis_cfg = OmegaConf.select(cfg.datasets_cfg, "cc_sbu_align.vis_processor.train")
+    if vis_cfg is None:
+        vis_cfg = OmegaConf.select(cfg.preprocess_cfg, "vis_processor.eval")
+    if vis_cfg is None:
+        raise ValueError(
+            f"{cfg_path}: no image processor; set datasets.cc_sbu_align.vis_processor.train "
+            "or preprocess.vis_processor.eval (e.g. name: blip2_image_eval, image_size: 224)"
+        )
+    vis_processor = registry.get_processor_class(vis_cfg.name).from_config(vis_cfg)
+    logger.info("model %s (%s) ready on %s", model_cfg.arch, model_cfg.model_type, device)
+    return Chat(model, vis_processor, device, conv_template_for(model_cfg.model_type))
+
+
+# ---- terminal chat ---------------------------------------------------------------------------
+def chat_loop(chat, images: Sequence[Path], questions: Iterable[str], out=sys.stdout, **generation: Any) -> None:
+    """Answer each question (one per line) about ``images``; ``/reset`` starts over, ``/quit`` ends."""
+    from minigpt4.conversation import ImageError
+
+    def start():
+        conv, img_list = chat.new_conversation(), []
+        for image in images:
+            chat.upload_img(image, conv, img_list)
+        return conv, img_list
+
+    try:
+        conv, img_list = start()
+    except ImageError as err:
+        raise SystemExit(f"--image: {err}") from None
+    interactive = sys.stdin.isatty()
+    if interactive:
+        out.write(f"{len(images)} image(s) loaded. Ask away (/reset to start over, /quit or Ctrl-D to leave).\n")
+    for line in questions:
+        question = line.strip()
+        if not question:
+            continue
+        if question == "/quit":
+            break
+        if question == "/reset":
+            conv, img_list = start()
+            out.write("(conversation reset)\n")
+            continue
+        chat.ask(question, conv)
+        out.write("Assistant: ")
+        shown = ""
+        for reply in chat.stream_answer(conv, img_list, **generation):
+            # The cleaned reply can shrink (a "#" that became the stop sign): print only growth.
+            if reply.startswith(shown):
+                out.write(reply[len(shown) :])
+                shown = reply
+            out.flush()
+        out.write("\n")
+        out.flush()
+
+
+# ---- batch captioning ------------------------------------------------------------------------
+def list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise SystemExit(f"--caption-dir: no such folder '{folder}'")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def done_images(out_path: Path) -> set[str]:
+    """Names already captioned in ``out_path``; a half-written last line (a killed run) is dropped."""
+    if not out_path.exists():
+        return set()
+    raw = out_path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[: raw.rfind(b"\n") + 1]
+        out_path.write_bytes(raw)
+        logger.warning("%s: dropped a half-written last line", out_path)
+    done = set()
+    for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        try:
+            done.add(json.loads(line)["image"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            logger.warning("%s:%d: not a caption line, ignored", out_path, number)
+    return done
+
+
+def caption_folder(chat, folder: Path, out_path: Path, prompt: str = DEFAULT_CAPTION_PROMPT, batch_size: int = 8, **generation: Any) -> int:
+    """Caption every image of ``folder`` not yet in ``out_path``; returns how many were written."""
+    from tqdm import tqdm
+
+    from minigpt4.conversation import ImageError, open_image
+
+    if batch_size < 1:
+        raise SystemExit(f"--batch-size: must be at least 1, got {batch_size}")
+    done = done_images(out_path)
+    todo = [p for p in list_images(folder) if p.name not in done]
+    logger.info("%d images in %s, %d already captioned, %d to go", len(todo) + len(done), folder, len(done), len(todo))
+    written = 0
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="captioning", unit="img") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            names, images = [], []
+            for path in batch:
+                try:
+                    images.append(open_image(path))
+                    names.append(path.name)
+                except ImageError as err:
+                    logger.warning("skipped: %s", err)
+            captions = chat.answer_batch(images, prompt, **generation) if images else []
+            for name, caption in zip(names, captions):
+                out.write(json.dumps({"image": name, "caption": caption}, ensure_ascii=False) + "\n")
+            out.flush()
+            written += len(names)
+            bar.update(len(batch))
+    return written
+
+
+# ---- command line ----------------------------------------------------------------------------
+def generation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation (defaults as the original demo)")
+    group.add_argument("--num-beams", type=int, default=1)
+    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--max-new-tokens", type=int, default=300)
+    group.add_argument("--max-length", type=int, default=2000, help="context + new tokens kept (older context is dropped)")
+    group.add_argument("--greedy", action="store_true", help="greedy decoding instead of top-p sampling")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m minigpt4.chat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cfg-path", required=True, help="path to the evaluation config, e.g. eval_configs/minigpt4_eval.yaml")
+    parser.add_argument("--gpu-id", type=int, default=0, help="GPU to load the model on")
+    parser.add_argument("--options", nargs="+", default=[], help="override config settings, key=value (e.g. model.ckpt=...)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--image", nargs="+", type=Path, help="image(s) to chat about, in order")
+    mode.add_argument("--caption-dir", type=Path, help="caption every image in this folder")
+    parser.add_argument("--out", type=Path, help="captions file (JSON lines), appended to and resumed")
+    parser.add_argument("--prompt", default=DEFAULT_CAPTION_PROMPT, help="question asked of every image when captioning")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per generate call when captioning")
+    generation_args(parser)
+    args = parser.parse_args(argv)
+    if args.caption_dir is not None and args.out is None:
+        parser.error("--caption-dir needs --out captions.jsonl")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    generation = dict(
+        num_beams=args.num_beams,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length,
+        do_sample=not args.greedy,
+    )
+    chat = load_chat(args.cfg_path, args.options, args.gpu_id)
+    try:
+        if args.caption_dir is not None:
+            written = caption_folder(chat, args.caption_dir, args.out, args.prompt, args.batch_size, **generation)
+            logger.info("wrote %d captions to %s", written, args.out)
+        else:
+            chat_loop(chat, args.image, sys.stdin, **generation)
+    except KeyboardInterrupt:
+        # Every finished batch is already flushed: the next run resumes after it.
+        logger.warning("interrupted%s", f"; run the same command again to resume {args.out}" if args.caption_dir else "")
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

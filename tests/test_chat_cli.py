@@ -1,0 +1,132 @@
+"""``python -m minigpt4.chat``: terminal chat over a pipe, and resumable batch captioning."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REF, REPO, tiny_model_section
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "minigpt4.chat", *args]
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(write_yaml) -> Path:
+    return write_yaml({"model": tiny_model_section("vicuna0")}, "tiny_vicuna0.yaml")
+
+
+def test_chat_over_a_pipe(tiny_cfg):
+    questions = "Describe the shapes.\n\nHow many are there?\n"
+    run = subprocess.run(
+        cli("--cfg-path", str(tiny_cfg), "--image", str(REF / "img0.png"), "--max-new-tokens", "20", "--greedy"),
+        input=questions, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    answers = [line for line in run.stdout.splitlines() if line.startswith("Assistant: ")]
+    assert len(answers) == 2, run.stdout
+    assert "Traceback" not in run.stderr
+
+
+def test_chat_names_a_bad_image(tiny_models, tmp_path):
+    from minigpt4.chat import chat_loop
+    from minigpt4.conversation import CONV_VISION_Vicuna0, Chat
+    from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
+
+    chat = Chat(tiny_models["vicuna0"], Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0)
+    (tmp_path / "bad.jpg").write_text("no picture here")
+    with pytest.raises(SystemExit, match="--image: 'bad.jpg' is not an image"):
+        chat_loop(chat, [tmp_path / "bad.jpg"], ["hi"])
+
+
+def read_captions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_captioning_resumes_after_an_interrupt(tiny_cfg, tiny_images, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        src = tiny_images[i % len(tiny_images)]
+        shutil.copy(src, folder / f"{i:02d}_{src.name}")
+    (folder / "broken.jpg").write_text("not a jpeg")
+    (folder / "readme.txt").write_text("not an image at all, and not named like one")
+    out = tmp_path / "captions.jsonl"
+    args = cli(
+        "--cfg-path", str(tiny_cfg), "--caption-dir", str(folder), "--out", str(out),
+        "--batch-size", "2", "--max-new-tokens", "300", "--greedy", "--prompt", "Describe this image.",
+    )
+
+    first = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not (out.exists() and out.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr
+    done_first = read_captions(out)
+    assert 2 <= len(done_first) < 8
+
+    # A run killed while writing leaves half a line: the next run drops it and redoes that image.
+    with open(out, "a") as f:
+        f.write('{"image": "07_img1.jp')
+    second = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+    assert second.returncode == 0, second.stderr
+    assert "skipped: 'broken.jpg' is not an image" in second.stderr
+    assert f"{len(done_first)} already captioned" in second.stderr
+
+    captions = read_captions(out)
+    assert captions[: len(done_first)] == done_first
+    assert sorted(c["image"] for c in captions) == sorted(p.name for p in folder.glob("0*.jpg"))
+    assert all(isinstance(c["caption"], str) and set(c) == {"image", "caption"} for c in captions)
+
+
+def test_caption_folder_in_process_matches_one_at_a_time(tiny_models, tiny_images, tmp_path):
+    """The CLI's batches give the captions a one-image-at-a-time chat gives (greedy)."""
+    from minigpt4.chat import caption_folder
+    from minigpt4.conversation import CONV_VISION_Vicuna0, Chat
+    from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
+
+    chat = Chat(tiny_models["vicuna0"], Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in tiny_images:
+        shutil.copy(path, folder / path.name)
+    generation = dict(do_sample=False, max_new_tokens=8)
+    out = tmp_path / "captions.jsonl"
+    assert caption_folder(chat, folder, out, "Describe this image.", batch_size=2, **generation) == 3
+    assert caption_folder(chat, folder, out, "Describe this image.", batch_size=2, **generation) == 0
+    for line in read_captions(out):
+        conv, img_list = chat.new_conversation(), []
+        chat.upload_img(folder / line["image"], conv, img_list)
+        chat.ask("Describe this image.", conv)
+        assert chat.answer(conv, img_list, **generation)[0] == line["caption"]
+
+
+@pytest.mark.parametrize("name, model_type, end_sym, template", [
+    ("minigpt4_eval.yaml", "pretrain_vicuna0", "###", "###Human: {} ###Assistant: "),
+    ("minigpt4_llama2_eval.yaml", "pretrain_llama2", "</s>", "[INST] {} [/INST] "),
+])
+def test_eval_configs_are_the_originals(name, model_type, end_sym, template):
+    from minigpt4.common.config import Config
+    from minigpt4.common.registry import registry
+
+    if "cc_sbu_align" not in registry.list_names("builder"):
+        pytest.skip("the cc_sbu_align dataset builder is not registered yet")
+    cfg = Config(cfg_path=str(REPO / "eval_configs" / name))
+    model = cfg.model_cfg
+    assert (model.arch, model.model_type, model.max_txt_len, model.end_sym) == ("mini_gpt4", model_type, 160, end_sym)
+    assert model.low_resource is True and model.prompt_template == template
+    assert dict(cfg.datasets_cfg.cc_sbu_align.vis_processor.train) == {"name": "blip2_image_eval", "image_size": 224}
+    assert cfg.run_cfg.task == "image_text_pretrain"
