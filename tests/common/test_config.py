@@ -39,7 +39,7 @@ def test_to_dict_is_plain_and_round_trips(write_yaml):
     "cfg,options,message",
     [
         ({"model": {"arch": "mini_gpt5", "model_type": "pretrain_vicuna0"}}, None, r"model\.arch: unknown model 'mini_gpt5'; known: mini_gpt4"),
-        ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna13"}}, None, r"model\.model_type: unknown 'pretrain_vicuna13'.*known: pretrain_llama2, pretrain_vicuna0"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna13"}}, None, r"model\.model_type: unknown 'pretrain_vicuna13'.*known: nano, pretrain_llama2, pretrain_vicuna0"),
         ({"model": {"arch": "mini_gpt4"}}, None, r"model\.model_type: missing"),
         ({"model": {"model_type": "pretrain_vicuna0"}}, None, r"model\.arch: missing"),
         ({"run": {}}, None, r"model: missing section"),
