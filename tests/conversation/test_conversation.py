@@ -354,3 +354,26 @@ def test_open_image_says_what_is_wrong(tmp_path):
         open_image(png_header_only(tmp_path / "huge.png", 10000, 6000))
     with pytest.raises(ImageError, match="'gone.png': no such file"):
         open_image(tmp_path / "gone.png")
+
+
+def test_smollm2_chatml_template_matches_the_nano_training_prompt():
+    from omegaconf import OmegaConf
+
+    from minigpt4.common.utils import LIBRARY_ROOT
+    from minigpt4.conversation import CONV_VISION_SmolLM2, conv_template_for
+
+    assert conv_template_for("nano") is CONV_VISION_SmolLM2
+    conv = CONV_VISION_SmolLM2.copy()
+    conv.append_message(conv.roles[0], f"{IMAGE_MESSAGE} Describe this image.")
+    conv.append_message(conv.roles[1], None)
+    template = OmegaConf.load(LIBRARY_ROOT / "configs" / "models" / "minigpt4_nano.yaml").model.prompt_template
+    assert conv.get_prompt() == template.format(f"{IMAGE_MESSAGE} Describe this image.")
+    conv.messages[-1][1] = "a red circle."
+    conv.append_message(conv.roles[0], "How many shapes are there?")
+    conv.append_message(conv.roles[1], None)
+    assert conv.get_prompt() == (
+        "<|im_start|>user\n<Img><ImageHere></Img> Describe this image.<|im_end|>\n"
+        "<|im_start|>assistant\na red circle.<|im_end|>\n"
+        "<|im_start|>user\nHow many shapes are there?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert CONV_VISION_SmolLM2.messages == []  # the template itself is untouched
