@@ -178,6 +178,17 @@ def generation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--greedy", action="store_true", help="greedy decoding instead of top-p sampling")
 
 
+def generation_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``generate`` settings of :func:`generation_args`' flags."""
+    return dict(
+        num_beams=args.num_beams,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length,
+        do_sample=not args.greedy,
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m minigpt4.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cfg-path", default=str(DEFAULT_CFG), help="evaluation config, e.g. eval_configs/minigpt4_eval.yaml (default: the nano model)")
@@ -199,13 +210,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    generation = dict(
-        num_beams=args.num_beams,
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens,
-        max_length=args.max_length,
-        do_sample=not args.greedy,
-    )
+    generation = generation_from_args(args)
     chat = load_chat(args.cfg_path, args.options, args.gpu_id)
     try:
         if args.caption_dir is not None:

@@ -36,16 +36,16 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x.float()).to(x.dtype)
 
 
-def load_prompt_list(prompt_path: str | None, prompt_template: str = "") -> list[str]:
+def load_prompt_list(prompt_path: str | None, prompt_template: str = "", key: str = "model.prompt_path") -> list[str]:
     """The instruction prompts: lines of ``prompt_path`` holding ``<ImageHere>``, templated."""
     if not prompt_path:
         return []
     path = get_abs_path(prompt_path)
     if not path.is_file():
-        raise ConfigError(f"model.prompt_path: no such file '{prompt_path}'")
+        raise ConfigError(f"{key}: no such file '{prompt_path}'")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if IMAGE_PLACEHOLDER in line]
     if not lines:
-        raise ConfigError(f"model.prompt_path: '{prompt_path}' has no line containing {IMAGE_PLACEHOLDER}")
+        raise ConfigError(f"{key}: '{prompt_path}' has no line containing {IMAGE_PLACEHOLDER}")
     return [prompt_template.format(line) if prompt_template else line for line in lines]
 
 

@@ -5,5 +5,6 @@ from minigpt4.datasets.builders.image_text_pair_builder import (
     SyntheticShapesBuilder,
     LaionBuilder,
 )
+from minigpt4.datasets.builders.image_text_json_builder import ImageTextJsonBuilder
 
-__all__ = ["BaseDatasetBuilder", "CCSBUAlignBuilder", "CCSBUBuilder", "SyntheticShapesBuilder", "LaionBuilder"]
+__all__ = ["BaseDatasetBuilder", "CCSBUAlignBuilder", "CCSBUBuilder", "SyntheticShapesBuilder", "LaionBuilder", "ImageTextJsonBuilder"]
