@@ -49,6 +49,17 @@ def load_prompt_list(prompt_path: str | None, prompt_template: str = "", key: st
     return [prompt_template.format(line) if prompt_template else line for line in lines]
 
 
+def query_output(Qformer: nn.Module, query_tokens: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    """The Q-Former's query outputs (B, num_query_token, hidden) over ViT features; mask all ones."""
+    image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    return Qformer(
+        query_embeds=query_tokens.expand(image_embeds.shape[0], -1, -1),
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=image_atts,
+        return_dict=True,
+    ).last_hidden_state
+
+
 @registry.register_model("mini_gpt4", "minigpt4")
 class MiniGPT4(BaseModel):
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -135,15 +146,7 @@ class MiniGPT4(BaseModel):
         with self.maybe_autocast(self.autocast_dtype):
             image_embeds = self.ln_vision(self.visual_encoder.forward_features(image)).to(device)
             if self.has_qformer:
-                query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-                image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
-                query_output = self.Qformer(
-                    query_embeds=query_tokens,
-                    encoder_hidden_states=image_embeds,
-                    encoder_attention_mask=image_atts,
-                    return_dict=True,
-                )
-                inputs_llama = self.llama_proj(query_output.last_hidden_state)
+                inputs_llama = self.llama_proj(query_output(self.Qformer, self.query_tokens, image_embeds))
             else:
                 image_embeds = image_embeds[:, 1:, :]  # drop CLS
                 bs, pn, hs = image_embeds.shape

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from minigpt4.common.config import Config, ConfigError
 from minigpt4.common.registry import registry
 from minigpt4.datasets.datasets.synthetic_shapes import PAIRS
-from minigpt4.models.mini_gpt4 import build_vision_parts
+from minigpt4.models.mini_gpt4 import build_vision_parts, query_output
 from minigpt4.tasks.base_task import BaseTask
 
 
@@ -40,14 +40,7 @@ class SceneClassifier(nn.Module):
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         image_embeds = self.ln_vision(self.visual_encoder.forward_features(image))
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
-        queries = self.Qformer(
-            query_embeds=self.query_tokens.expand(image.shape[0], -1, -1),
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_atts,
-            return_dict=True,
-        ).last_hidden_state
-        return self.head(queries.mean(dim=1))
+        return self.head(query_output(self.Qformer, self.query_tokens, image_embeds).mean(dim=1))
 
     def forward(self, samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         logits = self.logits(samples["image"])
