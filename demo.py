@@ -37,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--concurrency", type=int, default=1, help="how many uploads/answers may use the model at once")
     parser.add_argument("--max-queue", type=int, default=64, help="events waiting in the queue before new ones are refused")
+    parser.add_argument("--no-kv-cache", action="store_true", help="re-encode the whole conversation every turn, as the original")
     return parser.parse_args()
 
 
@@ -96,6 +97,7 @@ class Handlers:
         fresh = self.chat.new_conversation()
         for _ in img_list:
             fresh.append_message(fresh.roles[0], IMAGE_MESSAGE)
+        fresh.kv_cache = conv.kv_cache  # it still holds the system prompt and the picture
         return fresh, ""
 
     def ask(self, question: str, chatbot: list, conv: Conversation | None):
@@ -115,8 +117,10 @@ class Handlers:
             yield chatbot, conv
             return
         # Work on a copy: the session's conversation changes only when an answer is complete,
-        # so a failed generation leaves it usable.
+        # so a failed generation leaves it usable. The copy takes the KV cache along: a cache
+        # always knows what it holds, and one a failed answer wrote into is never used again.
         draft = conv.copy()
+        draft.kv_cache = conv.kv_cache
         self.chat.ask(pending, draft)
         chatbot = list(chatbot) + [{"role": "assistant", "content": ""}]
         try:
@@ -179,7 +183,7 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.info("Initializing Chat")
-    chat = load_chat(args.cfg_path, args.options, args.gpu_id)
+    chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=not args.no_kv_cache)
     logger.info("Initialization Finished")
     demo = build_demo(chat, args.concurrency)
     demo.queue(max_size=args.max_queue).launch(server_name=args.host, server_port=args.port, share=args.share)

@@ -35,8 +35,11 @@ def pick_device(gpu_id: int) -> torch.device:
     return torch.device("cpu")
 
 
-def load_chat(cfg_path: str | Path, options: Sequence[str] | None = None, gpu_id: int = 0):
-    """Build the model, its eval image processor and a :class:`Chat` from a config file."""
+def load_chat(cfg_path: str | Path, options: Sequence[str] | None = None, gpu_id: int = 0, reuse_kv_cache: bool = True):
+    """Build the model, its eval image processor and a :class:`Chat` from a config file.
+
+    ``reuse_kv_cache=False`` re-encodes the whole conversation every turn, as the original.
+    """
     from minigpt4.common.config import Config
     from minigpt4.common.registry import registry
     from minigpt4.conversation import Chat, conv_template_for
@@ -67,7 +70,7 @@ def load_chat(cfg_path: str | Path, options: Sequence[str] | None = None, gpu_id
         )
     vis_processor = registry.get_processor_class(vis_cfg.name).from_config(vis_cfg)
     logger.info("model %s (%s) ready on %s", model_cfg.arch, model_cfg.model_type, device)
-    return Chat(model, vis_processor, device, conv_template_for(model_cfg.model_type))
+    return Chat(model, vis_processor, device, conv_template_for(model_cfg.model_type), reuse_kv_cache=reuse_kv_cache)
 
 
 # ---- terminal chat ---------------------------------------------------------------------------
@@ -200,6 +203,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="captions file (JSON lines), appended to and resumed")
     parser.add_argument("--prompt", default=DEFAULT_CAPTION_PROMPT, help="question asked of every image when captioning")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generate call when captioning")
+    parser.add_argument("--no-kv-cache", action="store_true", help="re-encode the whole conversation every turn, as the original")
     generation_args(parser)
     args = parser.parse_args(argv)
     if args.caption_dir is not None and args.out is None:
@@ -211,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     generation = generation_from_args(args)
-    chat = load_chat(args.cfg_path, args.options, args.gpu_id)
+    chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=not args.no_kv_cache)
     try:
         if args.caption_dir is not None:
             written = caption_folder(chat, args.caption_dir, args.out, args.prompt, args.batch_size, **generation)

@@ -37,7 +37,7 @@ class ModelConfig:
     image_size: int = 224
     drop_path_rate: float = 0.0
     use_grad_checkpoint: bool = False
-    vit_precision: str = "fp16"
+    vit_precision: str = "fp16"  # fp16 (the original), bf16, or fp32 (CPU)
     freeze_vit: bool = True
     # Q-Former
     has_qformer: bool = True
@@ -57,6 +57,8 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # attention in the ViT, Q-Former and LLM: "sdpa" (fused), or "eager" as the original computed it
+    attn_implementation: str = "sdpa"
     # prompts and targets
     prompt: str = ""
     prompt_path: Optional[str] = None
@@ -64,6 +66,11 @@ class ModelConfig:
     max_txt_len: int = 32
     max_context_len: int = 3800
     end_sym: str = "\n"
+    # True: as the original, the LM head at every position and the LLM's own loss (labels=);
+    # False: the LM head only where a label is, the same loss for a fraction of the memory
+    logits_on_all_positions: bool = False
+    # True: several samples share one LLM row, each attending only to itself (less padding, same loss)
+    pack_sequences: bool = False
     # MiniGPT-4 checkpoint(s) (llama_proj, and whatever else was trained): a path/URL or a list
     ckpt: Any = None
 

@@ -31,14 +31,18 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [decay, no_decay]
 
 
-def build_optimizer(model: nn.Module, init_lr: float, weight_decay: float, beta2: float = 0.999) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, init_lr: float, weight_decay: float, beta2: float = 0.999, fused: bool | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the two groups; ``fused=None`` fuses when every parameter is on CUDA."""
     groups = optimizer_param_groups(model, weight_decay)
     if not any(group["params"] for group in groups):
         raise ValueError("model: no parameter requires grad, there is nothing to train")
-    # fused AdamW (one kernel for all tensors) needs every parameter on CUDA
-    fused = all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"])
+    if fused is None:
+        # fused AdamW (one kernel for all tensors) needs every parameter on CUDA
+        fused = all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"]) or None
     return torch.optim.AdamW(
-        groups, lr=float(init_lr), weight_decay=float(weight_decay), betas=(0.9, float(beta2)), fused=fused or None
+        groups, lr=float(init_lr), weight_decay=float(weight_decay), betas=(0.9, float(beta2)), fused=fused
     )
 
 

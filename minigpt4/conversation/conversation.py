@@ -4,8 +4,10 @@ A conversation is the original's prompt format (``system + sep + Σ(role + messa
 ``<Img><ImageHere></Img>`` where each uploaded image goes. ``Chat`` turns the prompt into LLM input
 embeddings (text segments interleaved with image tokens), generates, and cleans the reply exactly
 as the original did. On top of the original it computes its stop words from the tokenizer (so any
-vocabulary works), streams from a worker thread whose errors reach the caller, and answers a batch
-of (image, question) pairs in one ``generate`` call.
+vocabulary works), streams from a worker thread whose errors reach the caller, answers a batch
+of (image, question) pairs in one ``generate`` call, and keeps the LLM's KV cache between turns
+(:class:`PrefixCache`), so a new turn prefills only what the conversation added since the last
+one instead of the whole conversation.
 """
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ import os
 import threading
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import Any, Iterator, Sequence
+from typing import Any, Hashable, Iterator, Sequence
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import DynamicCache, StaticCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from minigpt4.models.mini_gpt4 import IMAGE_PLACEHOLDER
 
@@ -52,6 +54,8 @@ class Conversation:
     stop_str: str | None = STOP_TEXT
     skip_next: bool = False
     conv_id: Any = None
+    # The LLM's KV cache after the last answer; a copy starts without it (see PrefixCache).
+    kv_cache: "PrefixCache | None" = field(default=None, init=False, repr=False, compare=False)
 
     def get_prompt(self) -> str:
         seps = [self.sep, self.sep2 if self.sep_style == SeparatorStyle.TWO else self.sep]
@@ -240,6 +244,87 @@ def open_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
         raise ImageError(f"'{name}' is a damaged image file ({err})") from None
 
 
+# ---- the KV cache between turns ------------------------------------------------------------------
+# What one cache position was computed from: a token id, or (id(image embedding), row) for a row
+# of an uploaded image's embedding.
+PositionKey = Hashable
+
+
+def common_prefix(a: Sequence[PositionKey], b: Sequence[PositionKey]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PrefixCache:
+    """The LLM's KV cache kept on a conversation between turns, and what it holds, position by position.
+
+    The original re-encodes the whole conversation every turn. A turn's context starts with the
+    previous turn's context, so the positions the two share (``keys`` equal) are taken from the
+    cache and only the rest is prefilled. After generating, the cache holds ``context +
+    reply[:-1]`` (the last generated token is never fed back). The next prompt holds the reply as
+    *text*, which the templates' trailing space ("Assistant: ") re-tokenizes differently, so the
+    reply is then prefilled as that prompt will tokenize it (:meth:`Chat.answer`). Image
+    positions name their embedding tensor, which ``images`` keeps alive so its id cannot be
+    recycled for another tensor. While a turn is written into the cache, and for good after one
+    that failed, ``keys`` is None and nobody uses the cache: a later turn starts a fresh one.
+    """
+
+    def __init__(self, cache: DynamicCache | StaticCache, llm: Any):
+        self.cache = cache
+        self.llm = llm  # a cache is only valid for the model that computed it
+        self.keys: list[PositionKey] | None = None  # a new cache is busy until its first turn is done
+        self.images: list[torch.Tensor] = []
+        self.context: list[PositionKey] = []  # the keys of the turn being generated
+        self.reused = 0  # positions of the last turn's context taken from the cache
+        self._lock = threading.Lock()
+
+    def claim(self, llm: Any, static: bool, length: int) -> list[PositionKey] | None:
+        """What the cache holds, and the cache is busy until :meth:`finish`; None if it cannot serve."""
+        with self._lock:
+            usable = (
+                self.keys is not None
+                and self.llm is llm
+                and isinstance(self.cache, StaticCache) == static
+                and (not static or self.cache.get_max_length() >= length)
+            )
+            if not usable:
+                return None
+            held, self.keys = self.keys, None
+            return held
+
+    def start(self, held: Sequence[PositionKey], context: list[PositionKey], images: Sequence[torch.Tensor]) -> None:
+        """Crop the cache to the part of ``held`` that ``context`` starts with."""
+        # At least one position is prefilled: generate needs the logits of the last one.
+        self.reused = min(common_prefix(held, context), len(context) - 1)
+        self.crop(len(held), self.reused)
+        self.context = context
+        self.images = list(images)
+
+    def crop(self, held: int, keep: int) -> None:
+        if held > keep:
+            self.cache.crop(keep - held)
+
+    def finish(self, generated: Sequence[int]) -> None:
+        """Record the turn that generated ``generated``; the cache stays unusable if it holds anything else."""
+        held = self.context + list(generated[:-1])
+        if int(self.cache.get_seq_length()) == len(held):
+            self.keys = held
+        else:
+            logger.warning("the KV cache holds %d positions, expected %d: not reused", int(self.cache.get_seq_length()), len(held))
+
+    def __deepcopy__(self, memo: dict) -> None:
+        # A deep-copied conversation starts without a cache, as Conversation.copy().
+        return None
+
+
+# Generation settings under which a reused cache would not give the original's output, or that
+# bring their own cache: those turns prefill everything, as the original.
+_OWN_CACHE = ("cache", "past_key_values", "assistant_model", "prompt_lookup_num_tokens", "prefill_chunk_size")
+
+
 # ---- the chat engine -----------------------------------------------------------------------------
 def clean_reply(text: str) -> str:
     """The original's post-processing: cut at the stop sign, keep what follows ``Assistant:``."""
@@ -250,13 +335,26 @@ class Chat:
     """Upload images, ask, answer: the original ``Chat`` API on our MiniGPT4.
 
     ``img_list`` holds one embedding tensor per ``<ImageHere>`` in the conversation, in order.
+    With ``reuse_kv_cache`` (the default) each answer keeps the LLM's KV cache on the conversation
+    and the next answer prefills only the new part of the context; ``False`` re-encodes the whole
+    conversation every turn, as the original. Pass ``cache_implementation="static"`` to
+    :meth:`answer` for a fixed-size cache of ``max_length`` positions, whose decoding step
+    transformers compiles on a GPU (the first answer pays the compilation).
     """
 
-    def __init__(self, model, vis_processor, device: str | torch.device = "cuda:0", conv_template: Conversation = CONV_VISION):
+    def __init__(
+        self,
+        model,
+        vis_processor,
+        device: str | torch.device = "cuda:0",
+        conv_template: Conversation = CONV_VISION,
+        reuse_kv_cache: bool = True,
+    ):
         self.model = model
         self.vis_processor = vis_processor
         self.device = torch.device(device)
         self.conv_template = conv_template
+        self.reuse_kv_cache = reuse_kv_cache
         tokenizer = model.llama_tokenizer
         eos = {tokenizer.eos_token_id}
         config_eos = getattr(model.llama_model.generation_config, "eos_token_id", None)
@@ -300,22 +398,29 @@ class Chat:
             conv.append_message(conv.roles[0], text)
 
     # ---- prompt -> embeddings ----
-    @torch.no_grad()
     def get_context_emb(self, prompt: str, img_list: Sequence[torch.Tensor]) -> torch.Tensor:
         """Text segments (BOS on the first only) interleaved with the image embeddings: (1, L, H)."""
+        return self.context_with_keys(prompt, img_list)[0]
+
+    @torch.no_grad()
+    def context_with_keys(self, prompt: str, img_list: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[PositionKey]]:
+        """:meth:`get_context_emb` and the :class:`PrefixCache` key of each of its positions."""
         segments = prompt.split(IMAGE_PLACEHOLDER)
         if len(segments) != len(img_list) + 1:
             raise ValueError(f"the prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} but {len(img_list)} images were uploaded")
         tokenizer = self.model.llama_tokenizer
         embed = self.model.llama_model.get_input_embeddings()
         device = embed.weight.device
-        pieces = []
+        pieces, keys = [], []
         for i, segment in enumerate(segments):
-            ids = tokenizer(segment, return_tensors="pt", add_special_tokens=i == 0).input_ids.to(device)
-            pieces.append(embed(ids))
+            ids = tokenizer(segment, add_special_tokens=i == 0).input_ids
+            pieces.append(embed(torch.tensor([ids], dtype=torch.long, device=device)))
+            keys += ids
             if i < len(img_list):
-                pieces.append(img_list[i].to(device=device, dtype=embed.weight.dtype))
-        return torch.cat(pieces, dim=1)
+                image = img_list[i]
+                pieces.append(image.to(device=device, dtype=embed.weight.dtype))
+                keys += [(id(image), row) for row in range(image.shape[1])]
+        return torch.cat(pieces, dim=1), keys
 
     def generation_kwargs(
         self,
@@ -358,9 +463,81 @@ class Chat:
     def answer_prepare(
         self, conv: Conversation, img_list: Sequence[torch.Tensor], max_new_tokens: int = 300, max_length: int = 2000, **generation: Any
     ) -> dict[str, Any]:
+        """The ``generate`` arguments of the assistant's next turn.
+
+        ``inputs_embeds`` is always the whole context; with a reused cache, ``cache`` holds the
+        conversation's KV cache cropped to what that context starts with, and ``generate``
+        prefills only the positions after it.
+        """
         conv.append_message(conv.roles[1], None)
-        embs = self._truncate(self.get_context_emb(conv.get_prompt(), img_list), max_new_tokens, max_length)
-        return dict(inputs_embeds=embs, **self.generation_kwargs(max_new_tokens=max_new_tokens, **generation))
+        embs, keys = self.context_with_keys(conv.get_prompt(), img_list)
+        kept = self._truncate(embs, max_new_tokens, max_length)
+        kwargs = dict(inputs_embeds=kept, **self.generation_kwargs(max_new_tokens=max_new_tokens, **generation))
+        # Truncation shifts every position: nothing in the cache fits any more.
+        self._attach_cache(conv, kwargs, keys if kept is embs else None, img_list, max_length)
+        return kwargs
+
+    def _cache_kind(self, generation: dict[str, Any]) -> str | None:
+        """The kind of cache this generation can carry between turns ("dynamic", "static"), or None."""
+        if not self.reuse_kv_cache or generation.get("num_beams", 1) > 1 or generation.get("num_return_sequences", 1) > 1:
+            return None
+        if generation.get("use_cache") is False or any(generation.get(k) is not None for k in _OWN_CACHE):
+            return None
+        if getattr(self.model.llama_model.generation_config, "cache_implementation", None) is not None:
+            return None  # the model's own choice; generate refuses a cache next to it
+        kind = generation.get("cache_implementation") or "dynamic"
+        return kind if kind in ("dynamic", "static") else None
+
+    def _attach_cache(
+        self, conv: Conversation, generation: dict[str, Any], keys: list[PositionKey] | None, img_list: Sequence[torch.Tensor], max_length: int
+    ) -> None:
+        previous, conv.kv_cache = conv.kv_cache, None
+        kind = self._cache_kind(generation) if keys is not None else None
+        if kind is None:
+            return
+        llm = self.model.llama_model
+        length = len(keys) + generation["max_new_tokens"]
+        held = previous.claim(llm, kind == "static", length) if previous is not None else None
+        if held is None:
+            if kind == "static":
+                # max_length bounds every untruncated turn: one cache (one compiled graph) serves them all.
+                cache = StaticCache(config=llm.config, max_cache_len=max(length, max_length))
+            else:
+                cache = DynamicCache(config=llm.config)
+            state, held = PrefixCache(cache, llm), []
+        else:
+            state = previous
+        state.start(held, keys, img_list)
+        generation.pop("cache_implementation", None)
+        generation["cache"] = state.cache
+        conv.kv_cache = state
+
+    def _keep_cache(self, conv: Conversation, img_list: Sequence[torch.Tensor], generation: dict[str, Any], output: Sequence[int]) -> None:
+        """After a successful turn, its reply stored in ``conv``: prefill the reply as the next
+        prompt will tokenize it, up to the user's role, so the next turn prefills only its question.
+        """
+        state = conv.kv_cache
+        if state is None or generation.get("cache") is not state.cache:
+            return
+        state.finish(output)
+        upcoming = conv.copy()
+        upcoming.append_message(upcoming.roles[0], None)
+        # Up to the role's last visible character: a trailing space tokenizes with the next word.
+        embs, keys = self.context_with_keys(upcoming.get_prompt().rstrip(), img_list)
+        llm = self.model.llama_model
+        held = state.claim(llm, isinstance(state.cache, StaticCache), len(keys))
+        if held is None:
+            return
+        keep = common_prefix(held, keys)
+        state.crop(len(held), keep)
+        try:
+            if keep < len(keys):
+                with torch.inference_mode(), self.model.maybe_autocast(self.model.autocast_dtype):
+                    llm(inputs_embeds=embs[:, keep:], cache=state.cache, use_cache=True, logits_to_keep=1)
+        except Exception as err:  # the reply is fine; only the next turn's head start is lost
+            logger.warning("prefilling the reply for the next turn failed (%s: %s); the next turn prefills it", type(err).__name__, err)
+            return
+        state.keys, state.images = keys, list(img_list)
 
     def model_generate(self, **kwargs: Any) -> torch.Tensor:
         with torch.inference_mode(), self.model.maybe_autocast(self.model.autocast_dtype):
@@ -378,9 +555,11 @@ class Chat:
 
     def answer(self, conv: Conversation, img_list: Sequence[torch.Tensor], **kwargs: Any) -> tuple[str, list[int]]:
         """Generate the assistant's turn, store it in ``conv`` and return it with its token ids."""
-        output = self.model_generate(**self.answer_prepare(conv, img_list, **kwargs))[0].tolist()
+        generation = self.answer_prepare(conv, img_list, **kwargs)
+        output = self.model_generate(**generation)[0].tolist()
         reply = self.decode_reply(output)
         conv.messages[-1][1] = reply
+        self._keep_cache(conv, img_list, generation, output)
         return reply, output
 
     def stream_answer(self, conv: Conversation, img_list: Sequence[torch.Tensor], **kwargs: Any) -> Iterator[str]:
@@ -416,7 +595,9 @@ class Chat:
         thread.join()
         if "error" in result:
             raise result["error"]
-        conv.messages[-1][1] = self.decode_reply(result["output"][0].tolist())
+        output = result["output"][0].tolist()
+        conv.messages[-1][1] = self.decode_reply(output)
+        self._keep_cache(conv, img_list, generation, output)
         yield conv.messages[-1][1]
 
     # ---- batches ----

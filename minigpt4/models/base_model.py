@@ -8,10 +8,14 @@ from typing import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from minigpt4.common.utils import CheckpointError, LIBRARY_ROOT, load_state_dict_file, resolve_file, unwrap_state_dict
 
 logger = logging.getLogger(__name__)
+
+
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class BaseModel(nn.Module):
@@ -29,10 +33,21 @@ class BaseModel(nn.Module):
         return next(self.parameters()).device
 
     def maybe_autocast(self, dtype: torch.dtype = torch.float16):
-        # As the original: mixed precision on an accelerator, plain fp32 on the CPU.
+        """The context of the model's compute: as the original, mixed precision on an accelerator
+        and plain fp32 on the CPU; on CUDA also SDPA without its cuDNN backend.
+
+        cuDNN's attention builds an execution plan for every new sequence length, and both
+        training (a new padded length every batch) and decoding (one more position every step)
+        keep meeting new lengths: measured on an H100, that made SDPA slower than eager attention.
+        Flash and memory-efficient attention serve every length with kernels built once.
+        """
         if self.device.type == "cpu":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device_type=self.device.type, dtype=dtype))
+        if self.device.type == "cuda":
+            stack.enter_context(sdpa_kernel(SDPA_BACKENDS))
+        return stack
 
     def load_checkpoint(
         self,

@@ -23,6 +23,7 @@ EVA_VIT_G_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAV
 # timm's eva_giant_patch14_clip_224 is this network with 40 blocks; MiniGPT-4 (via BLIP-2) drops
 # the last one. mlp_ratio 4.3637 gives int(1408 * 4.3637) = 6144 hidden units.
 EVA_VIT_G = dict(img_size=224, patch_size=14, embed_dim=1408, depth=39, num_heads=16, mlp_ratio=4.3637)
+VIT_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def build_eva_vit(
@@ -30,8 +31,13 @@ def build_eva_vit(
     img_size: int = 224,
     drop_path_rate: float = 0.0,
     use_grad_checkpoint: bool = False,
+    attn_implementation: str = "sdpa",
 ) -> Eva:
-    """EVA-ViT-g (or a smaller shape given by ``vit_config``) returning all tokens, CLS first."""
+    """EVA-ViT-g (or a smaller shape given by ``vit_config``) returning all tokens, CLS first.
+
+    ``attn_implementation="eager"`` computes attention as LAVIS' EVA did (softmax of ``q @ k.T``
+    materialised); ``"sdpa"`` uses ``F.scaled_dot_product_attention``.
+    """
     args = {**EVA_VIT_G, **dict(vit_config or {}), "img_size": img_size}
     model = Eva(
         **args,
@@ -43,6 +49,8 @@ def build_eva_vit(
     )
     model.norm = nn.Identity()
     model.set_grad_checkpointing(use_grad_checkpoint)
+    for block in model.blocks:
+        block.attn.fused_attn = attn_implementation == "sdpa"
     return model
 
 
@@ -61,14 +69,14 @@ def eva_vit_key_map(state_dict: Mapping[str, torch.Tensor], model: Eva) -> dict[
     return out
 
 
-def convert_weights_to_fp16(model: nn.Module) -> None:
-    """``vit_precision: fp16`` as LAVIS does it: Linear/Conv weights and biases only.
+def convert_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """``vit_precision: fp16`` (or ``bf16``) as LAVIS' ``convert_weights_to_fp16`` does it.
 
-    LayerNorms, ``cls_token``, ``pos_embed`` and the separate ``q_bias``/``v_bias`` stay fp32,
-    which is why the ViT then only runs under fp16 autocast.
+    Only Linear/Conv weights and biases are cast: LayerNorms, ``cls_token``, ``pos_embed`` and
+    the separate ``q_bias``/``v_bias`` stay fp32, which is why the ViT then only runs under autocast.
     """
     for module in model.modules():
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            module.weight.data = module.weight.data.half()
+            module.weight.data = module.weight.data.to(dtype)
             if module.bias is not None:
-                module.bias.data = module.bias.data.half()
+                module.bias.data = module.bias.data.to(dtype)

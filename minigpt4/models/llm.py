@@ -116,13 +116,14 @@ def load_llm(
     lora_dropout: float = 0.05,
     lora_target_modules: list[str] | None = None,
     load_weights: bool = True,
+    attn_implementation: str = "sdpa",
 ) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = _check_source(path)
     if torch_dtype not in DTYPES:
         raise ConfigError(f"model.torch_dtype: '{torch_dtype}' is not one of {', '.join(DTYPES)}")
-    kwargs: dict[str, Any] = {"dtype": DTYPES[torch_dtype]}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[torch_dtype], "attn_implementation": attn_implementation}
     quantized = low_resource or load_in_4bit
     if quantized:
         if not torch.cuda.is_available():
@@ -140,7 +141,9 @@ def load_llm(
         if load_weights:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=kwargs["dtype"])
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(source), dtype=kwargs["dtype"], attn_implementation=attn_implementation
+            )
     except (OSError, ValueError) as err:
         raise ConfigError(f"{KEY}: cannot load an LLM from '{path}' ({err})") from err
 

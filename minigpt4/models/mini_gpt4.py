@@ -1,9 +1,10 @@
 """MiniGPT-4: frozen EVA-ViT-g + BLIP-2 Q-Former, one trainable Linear, frozen LLaMA.
 
 Read top to bottom it follows the paper's Figure 1: ``encode_img`` turns an image into LLM-width
-tokens, ``prompt_wrap`` puts them into the instruction, ``prepare_inputs`` appends the answer and
-builds the labels, ``forward`` returns the LLM's loss. ``from_config`` builds the parts from YAML
-and loads the released weights; the constructor only wires already-built modules together.
+tokens (the frozen ``vision_features``, then the trained ``llama_proj``), ``prompt_wrap`` puts them
+into the instruction, ``prepare_inputs`` appends the answer and builds the labels, ``forward``
+returns the LLM's loss. ``from_config`` builds the parts from YAML and loads the released weights;
+the constructor only wires already-built modules together.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from minigpt4.common.config import ConfigError
 from minigpt4.common.registry import registry
 from minigpt4.common.utils import get_abs_path, load_state_dict_file, resolve_file, unwrap_state_dict
 from minigpt4.models.base_model import BaseModel
-from minigpt4.models.eva_vit import EVA_VIT_G_URL, build_eva_vit, convert_weights_to_fp16, eva_vit_key_map
+from minigpt4.models.eva_vit import EVA_VIT_G_URL, VIT_PRECISIONS, build_eva_vit, convert_weights, eva_vit_key_map
 from minigpt4.models.qformer import BLIP2_FLANT5XXL_URL, build_qformer, qformer_key, qformer_key_map
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,11 @@ logger = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<ImageHere>"
 # The Llama-2 variant has no Q-Former: it concatenates this many neighbouring patch tokens.
 PATCHES_PER_TOKEN = 4
+# "eager" is the original's attention (scores materialised) in the ViT, Q-Former and LLM.
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+# The widest row pack_sequences makes: attention over 512 tokens costs LLaMA-7B about 2% of its
+# matrix products (4 * 512 * 4096 FLOPs per token and layer against 2 * 202M).
+PACK_WIDTH = 512
 
 
 class LayerNorm(nn.LayerNorm):
@@ -34,6 +40,14 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.float()).to(x.dtype)
+
+
+def config_choice(cfg: Mapping[str, Any], key: str, choices: Sequence[str], default: str) -> str:
+    """``cfg[key]`` (or ``default``), which must be one of ``choices``."""
+    value = cfg.get(key, default)
+    if value not in choices:
+        raise ConfigError(f"model.{key}: '{value}' is not one of {', '.join(choices)}")
+    return value
 
 
 def load_prompt_list(prompt_path: str | None, prompt_template: str = "", key: str = "model.prompt_path") -> list[str]:
@@ -58,6 +72,55 @@ def query_output(Qformer: nn.Module, query_tokens: torch.Tensor, image_embeds: t
         encoder_attention_mask=image_atts,
         return_dict=True,
     ).last_hidden_state
+
+
+def first_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Sample indices in rows of ``width`` tokens: the longest sample opens a row, each next one
+    goes into the first row with room."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if fits is None:
+            rows.append([i])
+            room.append(width - lengths[i])
+        else:
+            rows[fits].append(i)
+            room[fits] -= lengths[i]
+    return rows
+
+
+def pack_rows(
+    inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) LLM inputs -> (R, W) rows holding whole samples back to back.
+
+    W is 1, 2, 4... times the longest sample (up to ``PACK_WIDTH`` tokens), whichever leaves the
+    fewest positions to compute. ``position_ids`` restart at 0 with every sample (and with a
+    row's padding tail), and from them transformers builds a causal mask that keeps each sample
+    to itself: the loss is the padded batch's. Returns embeddings, position_ids, labels.
+    """
+    padded = attention_mask.shape[1]
+    lengths = attention_mask.sum(dim=1).tolist()
+    longest = max(lengths)
+    widths = [longest * k for k in (1, 2, 4, 8) if longest * k <= max(longest, PACK_WIDTH)]
+    width = min(widths, key=lambda w: len(first_fit_decreasing(lengths, w)) * w)
+    rows = first_fit_decreasing(lengths, width)
+    index, positions = [], []
+    for members in rows:
+        for i in members:
+            index += range(i * padded, i * padded + lengths[i])
+            positions += range(lengths[i])
+        tail = -len(index) % width
+        index += [-1] * tail  # the row's padding: a sequence of its own, without labels
+        positions += range(tail)
+    source = torch.tensor(index, device=labels.device).view(len(rows), width)
+    padding = source < 0
+    source = source.clamp(min=0)
+    packed_embeds = inputs_embeds.flatten(0, 1)[source]
+    packed_labels = labels.flatten()[source].masked_fill(padding, -100)
+    position_ids = torch.tensor(positions, device=labels.device).view(len(rows), width)
+    return packed_embeds, position_ids, packed_labels
 
 
 @registry.register_model("mini_gpt4", "minigpt4")
@@ -86,6 +149,8 @@ class MiniGPT4(BaseModel):
         max_context_len: int = 3800,
         low_resource: bool = False,
         autocast_dtype: torch.dtype = torch.float16,
+        logits_on_all_positions: bool = False,
+        pack_sequences: bool = False,
     ) -> None:
         super().__init__()
         self.visual_encoder = visual_encoder
@@ -104,6 +169,8 @@ class MiniGPT4(BaseModel):
         self.max_context_len = max_context_len
         self.low_resource = low_resource
         self.autocast_dtype = autocast_dtype
+        self.logits_on_all_positions = logits_on_all_positions
+        self.pack_sequences = pack_sequences
         self.bos_prefix: list[int] = llama_tokenizer("", add_special_tokens=True).input_ids
 
         # Frozen parts: no gradients, and eval mode (dropout off) even after .train().
@@ -132,6 +199,15 @@ class MiniGPT4(BaseModel):
     # ---- image -> LLM tokens ---------------------------------------------------------------
     def encode_img(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) images -> (B, N, llm_hidden) embeddings and their all-ones mask."""
+        return self.project_features(self.vision_features(image))
+
+    def vision_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The frozen half of ``encode_img``: what ``llama_proj`` reads.
+
+        The Q-Former's query outputs (B, num_query_token, 768), or for the Llama-2 variant the
+        patch tokens in groups of four (B, 64, 4 * 1408). With the ViT and Q-Former frozen they
+        can be computed once and passed to ``forward`` as ``samples["image_features"]``.
+        """
         device = image.device
         if image.dim() > 4:
             image = image.reshape(-1, *image.shape[-3:])
@@ -146,13 +222,16 @@ class MiniGPT4(BaseModel):
         with self.maybe_autocast(self.autocast_dtype):
             image_embeds = self.ln_vision(self.visual_encoder.forward_features(image)).to(device)
             if self.has_qformer:
-                inputs_llama = self.llama_proj(query_output(self.Qformer, self.query_tokens, image_embeds))
-            else:
-                image_embeds = image_embeds[:, 1:, :]  # drop CLS
-                bs, pn, hs = image_embeds.shape
-                image_embeds = image_embeds.reshape(bs, pn // PATCHES_PER_TOKEN, hs * PATCHES_PER_TOKEN)
-                inputs_llama = self.llama_proj(image_embeds)
-        atts_llama = torch.ones(inputs_llama.shape[:-1], dtype=torch.long, device=device)
+                return query_output(self.Qformer, self.query_tokens, image_embeds)
+            image_embeds = image_embeds[:, 1:, :]  # drop CLS
+            bs, pn, hs = image_embeds.shape
+            return image_embeds.reshape(bs, pn // PATCHES_PER_TOKEN, hs * PATCHES_PER_TOKEN)
+
+    def project_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``vision_features`` -> (B, N, llm_hidden) embeddings through ``llama_proj``, and their mask."""
+        with self.maybe_autocast(self.autocast_dtype):
+            inputs_llama = self.llama_proj(features)
+        atts_llama = torch.ones(inputs_llama.shape[:-1], dtype=torch.long, device=inputs_llama.device)
         return inputs_llama, atts_llama
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -206,9 +285,13 @@ class MiniGPT4(BaseModel):
         """The ``inputs_embeds``, ``attention_mask`` and ``labels`` given to the LLM.
 
         Per sample: ``[bos] + wrapped input + answer tokens + the input's padding``; labels are
-        -100 everywhere but on the answer's (non-pad) tokens.
+        -100 everywhere but on the answer's (non-pad) tokens. ``samples["image_features"]``
+        (from ``vision_features``), when present, stands in for ``samples["image"]``.
         """
-        img_embeds, img_atts = self.encode_img(samples["image"])
+        if "image_features" in samples:
+            img_embeds, img_atts = self.project_features(samples["image_features"])
+        else:
+            img_embeds, img_atts = self.encode_img(samples["image"])
         cond_embeds, cond_atts = self.prompt_wrap(img_embeds, img_atts, self._instruction(samples))
 
         tokenizer = self.llama_tokenizer
@@ -245,15 +328,27 @@ class MiniGPT4(BaseModel):
 
     def forward(self, samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         inputs_embeds, attention_mask, labels = self.prepare_inputs(samples)
+        position_ids = None
+        if self.pack_sequences:
+            inputs_embeds, position_ids, labels = pack_rows(inputs_embeds, attention_mask, labels)
+            attention_mask = None  # transformers reads where each sample starts from position_ids
+        # use_cache=False: the frozen LLM is in eval mode, where transformers would otherwise keep a
+        # KV cache, and with a cache it ignores the sample bounds in position_ids.
+        llm_inputs = dict(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True
+        )
+        if self.logits_on_all_positions:
+            # As the original: (B, T, vocab) logits and the LLM's own shifted cross-entropy.
+            with self.maybe_autocast(self.autocast_dtype):
+                outputs = self.llama_model(**llm_inputs, labels=labels)
+            return {"loss": outputs.loss}
         # The LM head runs only at the positions that predict an answer token: the rest of the
         # (B, T, vocab) logits are most of the memory and a good share of the time. The loss is
         # the same mean cross-entropy over the labels as the LLM's own.
         predicts = torch.zeros_like(labels, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != -100
         with self.maybe_autocast(self.autocast_dtype):
-            outputs = self.llama_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=predicts, return_dict=True
-            )
+            outputs = self.llama_model(**llm_inputs, logits_to_keep=predicts)
         loss = F.cross_entropy(outputs.logits.float(), labels[:, 1:][predicts[:, :-1]])
         return {"loss": loss}
 
@@ -270,6 +365,7 @@ class MiniGPT4(BaseModel):
 
         get = cfg.get
         visual_encoder, ln_vision, Qformer, query_tokens = build_vision_parts(cfg, load_weights)
+        attn_implementation = config_choice(cfg, "attn_implementation", ATTN_IMPLEMENTATIONS, "sdpa")
         llama_path = get("llama_model")
         llama_tokenizer = load_llm_tokenizer(llama_path, get("pad_token", "$$"))
         llama_model = load_llm(
@@ -283,6 +379,7 @@ class MiniGPT4(BaseModel):
             lora_dropout=get("lora_dropout", 0.05),
             lora_target_modules=list(get("lora_target_modules", ["q_proj", "v_proj"])),
             load_weights=load_weights,
+            attn_implementation=attn_implementation,
         )
 
         model = cls(
@@ -301,6 +398,8 @@ class MiniGPT4(BaseModel):
             max_context_len=get("max_context_len", 3800),
             low_resource=get("low_resource", False),
             autocast_dtype=getattr(torch, get("autocast_dtype", "float16")),
+            logits_on_all_positions=get("logits_on_all_positions", False),
+            pack_sequences=get("pack_sequences", False),
         )
         if load_weights and get("ckpt"):
             # a list loads in order: e.g. the nano model's stage-0 vision weights, then stage 1's llama_proj
@@ -320,22 +419,25 @@ def build_vision_parts(
     ``Qformer``/``query_tokens`` are None when ``has_qformer`` is False.
     """
     get = cfg.get
+    attn_implementation = config_choice(cfg, "attn_implementation", ATTN_IMPLEMENTATIONS, "sdpa")
+    vit_precision = config_choice(cfg, "vit_precision", list(VIT_PRECISIONS), "fp16")
     visual_encoder = build_eva_vit(
         get("vit_config"),
         img_size=get("image_size", 224),
         drop_path_rate=get("drop_path_rate", 0.0),
         use_grad_checkpoint=get("use_grad_checkpoint", False),
+        attn_implementation=attn_implementation,
     )
     if load_weights and get("vit_ckpt", EVA_VIT_G_URL):
         state = unwrap_state_dict(load_state_dict_file(resolve_file(get("vit_ckpt", EVA_VIT_G_URL), "model.vit_ckpt")))
         _load_part(visual_encoder, eva_vit_key_map(state, visual_encoder), "model.vit_ckpt")
-    if get("vit_precision", "fp16") == "fp16":
-        convert_weights_to_fp16(visual_encoder)
+    if vit_precision != "fp32":
+        convert_weights(visual_encoder, VIT_PRECISIONS[vit_precision])
     ln_vision = LayerNorm(visual_encoder.num_features)
     if not get("has_qformer", True):
         return visual_encoder, ln_vision, None, None
 
-    Qformer = build_qformer(visual_encoder.num_features, get("qformer_config"))
+    Qformer = build_qformer(visual_encoder.num_features, get("qformer_config"), attn_implementation)
     query_tokens = nn.Parameter(torch.zeros(1, get("num_query_token", 32), Qformer.config.hidden_size))
     query_tokens.data.normal_(mean=0.0, std=Qformer.config.initializer_range)
     q_former_model = get("q_former_model", BLIP2_FLANT5XXL_URL)

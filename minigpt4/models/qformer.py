@@ -42,8 +42,14 @@ _RENAMES = (
 )
 
 
-def build_qformer(encoder_width: int, qformer_config: Mapping[str, Any] | None = None) -> Blip2QFormerModel:
-    config = Blip2QFormerConfig(**{**BERT_BASE_QFORMER, **dict(qformer_config or {})}, encoder_hidden_size=encoder_width)
+def build_qformer(
+    encoder_width: int, qformer_config: Mapping[str, Any] | None = None, attn_implementation: str = "sdpa"
+) -> Blip2QFormerModel:
+    config = Blip2QFormerConfig(
+        **{**BERT_BASE_QFORMER, **dict(qformer_config or {})},
+        encoder_hidden_size=encoder_width,
+        attn_implementation=attn_implementation,
+    )
     return Blip2QFormerModel(config)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from minigpt4.datasets.datasets.synthetic_shapes import (
     COLOURS,
+    NO_SHAPE,
     PAIRS,
     SyntheticShapesDataset,
     describe,
@@ -16,6 +17,7 @@ from minigpt4.datasets.datasets.synthetic_shapes import (
     questions,
     render,
     scene_labels,
+    scene_slots,
 )
 
 
@@ -51,6 +53,9 @@ def test_scene_is_well_formed_and_its_answers_are_true(index):
         (s,) = [s for s in scene if (s.colour, s.shape) == (colour, shape)]
         assert qa["where"][1].endswith(s.place + ".")
     assert sum(scene_labels(scene)) == len({(s.colour, s.shape) for s in scene})
+    slots = scene_slots(scene)
+    assert [PAIRS[i] for i in slots[: len(scene)]] == [(s.colour, s.shape) for s in scene]  # left to right
+    assert slots[len(scene) :] == [NO_SHAPE] * (3 - len(scene))
 
 
 def test_descriptions_read_naturally():

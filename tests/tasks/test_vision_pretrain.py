@@ -43,9 +43,9 @@ def test_scene_classifier_learns_and_keeps_minigpt4_names(write_yaml, tmp_path):
         loss.backward()
         optimizer.step()
         first = first if first is not None else loss.item()
-    assert loss.item() < 0.6 * first
+    assert loss.item() < 0.8 * first
     held_out = batch(dataset, 10_000, 32)
-    assert 0.0 <= exact_scene_accuracy(model, held_out["image"], held_out["labels"]) <= 1.0
+    assert 0.0 <= exact_scene_accuracy(model, held_out["image"], held_out["slots"]) <= 1.0
 
     # a stage-0 checkpoint holds the vision side under MiniGPT-4's names
     ckpt = tmp_path / "stage0.pth"

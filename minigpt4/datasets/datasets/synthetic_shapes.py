@@ -138,8 +138,22 @@ def parse_objects(text: str) -> Counter:
 
 
 def scene_labels(scene: Sequence[Shape]) -> list[float]:
+    """18-way multi-hot: which (colour, shape) pairs the scene holds."""
     present = {(s.colour, s.shape) for s in scene}
     return [1.0 if pair in present else 0.0 for pair in PAIRS]
+
+
+NO_SHAPE = len(PAIRS)  # the slot class of an empty slot
+
+
+def scene_slots(scene: Sequence[Shape], max_shapes: int = 3) -> list[int]:
+    """The stage-0 target: per slot, left to right, the index of its (colour, shape) in PAIRS.
+
+    Empty slots are ``NO_SHAPE``. Unlike the multi-hot labels this says how many shapes there
+    are (duplicates included) and in which order, which is what the answers need.
+    """
+    slots = [PAIRS.index((s.colour, s.shape)) for s in scene]
+    return slots + [NO_SHAPE] * (max_shapes - len(slots))
 
 
 class SyntheticShapesDataset:
@@ -148,7 +162,8 @@ class SyntheticShapesDataset:
     ``prompt_kinds`` restricts the questions (``["describe"]`` for captioning). With
     ``instruction_template`` set, items carry ``instruction_input`` (the question after the
     image slot); without it the model's prompt list supplies the instruction. Items also carry
-    ``labels``, the 18-way multi-hot target of the stage-0 vision task.
+    the stage-0 targets: ``slots`` (per slot, left to right, which pair or none) and ``labels``
+    (18-way multi-hot).
     """
 
     def __init__(
@@ -194,6 +209,7 @@ class SyntheticShapesDataset:
             "image": seeded_call(seed, self.vis_processor, image),
             "answer": answer,
             "labels": torch.tensor(scene_labels(scene)),
+            "slots": torch.tensor(scene_slots(scene, self.max_shapes)),
         }
         if self.instruction_template:
             item["instruction_input"] = self.instruction_template.format(question)

@@ -1,0 +1,528 @@
+"""Chat with MiniGPT-4 at 7B: time to first token over two turns, decode speed, memory, captioning.
+
+    python benchmarks/bench_chat.py                       # fp16, 8-bit, 4-bit; reference and default
+    python benchmarks/bench_chat.py --compile             # also fp16 with a static cache, decode compiled
+    python benchmarks/bench_chat.py --tiny                # tiny shapes on the CPU: a smoke test
+
+Shapes: EVA-ViT-g, the BLIP-2 Q-Former (32 queries) and LLaMA-7B with random weights, created on
+the device (``common.build_model``); nothing is downloaded. The 8-bit and 4-bit LLMs go through the
+real loading path (``load_llm`` with ``low_resource``/``load_in_4bit``: ``from_pretrained`` with a
+BitsAndBytesConfig) from the random fp16 LLM, saved once to a temporary folder. As in the original,
+the 8-bit model runs its ViT on the CPU. The prompt is the Vicuna V0 chat (``###`` stop sign).
+
+Modes:
+- ``reference``: executes like the original: every turn prefills the whole conversation
+  (``Chat(reuse_kv_cache=False)``), a dynamic cache, eager attention (``attn_implementation: eager``).
+- ``default``: ours: the KV cache is kept between turns; after a reply, the reply is prefilled as
+  the next prompt will tokenize it (up to the user's role), so the next turn prefills only its
+  question; SDPA attention.
+- ``compile`` (``--compile``, fp16 only): ``default`` with ``cache_implementation="static"``: one
+  fixed-size cache, whose decoding step transformers compiles (CUDA graphs); its first turn pays
+  the compilation (reported as ``warmup_s``).
+
+What is timed (the device synchronized before the clock starts; a token counts when it reaches the
+host, which a streamer records):
+- TTFT turn 1: ``Chat.answer`` on a conversation holding an uploaded image (already encoded: the
+  upload is ``encode_image_s``) and the question, from the call to the first new token.
+- turn 1 then writes ``--decode-tokens`` tokens. A logits processor makes the random model write
+  words of the vocabulary, so the reply has exactly that length (no stop sign, no EOS; checked).
+  Decode tokens/s: the tokens after the first over the time from the first to the last.
+- TTFT turn 2: a second question after that long turn 1, from the call to its first token; every
+  repeat starts from the state right after turn 1 (its KV cache cloned). ``turn2_prefilled`` is
+  how many positions it computed. ``turn1_after_last_token_s`` is what turn 1 did after its last
+  token (decode the reply; in ``default``, prefill the reply for the next turn): the work
+  ``default`` moved out of turn 2 is there, not hidden.
+- peak memory: the allocator's maximum over the chat, the model resident, from after the image
+  upload (when the 8-bit model's ViT has gone to the CPU); the clone kept for the repeats is
+  left out. ``load_peak_gb`` is the maximum while building the model.
+- captioning (fp16, ``default``): ``--caption-images`` images, ``--caption-tokens`` new tokens
+  each: one ``Chat.answer_batch`` call per image vs one call for all of them; images/s.
+- the decode limit: a decoding step reads every LLM weight but the embedding table once; the
+  bandwidth is that of a large device-to-device copy in this run (2 x bytes / time).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the LLM folders are written here; never reach the hub
+
+import torch
+from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
+
+import common
+from minigpt4.conversation import CONV_VISION_Vicuna0, Chat
+from minigpt4.conversation.conversation import PrefixCache
+from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
+
+logger = logging.getLogger("bench_chat")
+
+MODES = ("reference", "default", "compile")
+QUANTS = ("none", "8bit", "4bit")
+QUESTION_1 = "Describe this image in detail."
+QUESTION_2 = "What is the man on the left holding, and what colour is the car behind him?"
+CAPTION_PROMPT = "Describe this image in detail."
+GOALS = {
+    "ttft_turn2_vs_reference": 0.3,  # at most, fp16
+    "decode_fraction_of_limit": 0.8,  # at least, fp16
+    "captioning_batch_speedup": 8.0,  # at least
+    "peak_gb_8bit": 11.5,  # at most
+    "peak_gb_4bit": 6.5,  # at most
+}
+
+
+# ---- generation that is timed and cannot stop early ---------------------------------------------
+class ForcedWords(LogitsProcessor):
+    """The random model writes ``ids`` in order (every row of a batch the same)."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        out = torch.full_like(scores, -math.inf)
+        out[:, self.ids[input_ids.shape[1] % len(self.ids)]] = 0
+        return out
+
+
+class TokenClock(BaseStreamer):
+    """When each new token reaches the host (``generate`` hands every step's tokens to ``put``)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.numel():  # the first put is the prompt's ids: none with inputs_embeds
+            self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def filler_ids(tokenizer, n: int) -> list[int]:
+    """``n`` ids of plain words (no stop sign, no special token) for :class:`ForcedWords`."""
+    text = " ".join(common.WORDS)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids = [i for i in ids if i not in tokenizer.all_special_ids]
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def timed_answer(chat: Chat, conv, img_list, new_tokens: int, words: list[int], **generation: Any) -> dict[str, Any]:
+    """Answer ``conv`` with exactly ``new_tokens`` tokens: TTFT, decode rate, the KV cache reuse."""
+    clock = TokenClock()
+    common.synchronize(chat.device)
+    start = time.perf_counter()
+    _, tokens = chat.answer(
+        conv, img_list, max_new_tokens=new_tokens, do_sample=False,
+        logits_processor=LogitsProcessorList([ForcedWords(words)]), streamer=clock, **generation,
+    )
+    common.synchronize(chat.device)
+    end = time.perf_counter()
+    if len(tokens) != new_tokens or len(clock.times) != new_tokens:
+        raise RuntimeError(f"the reply has {len(tokens)} tokens, not {new_tokens}: something stopped it early")
+    steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    return {
+        "ttft_s": clock.times[0] - start,
+        "after_last_token_s": end - clock.times[-1],
+        "decode_tokens_per_s": (new_tokens - 1) / (clock.times[-1] - clock.times[0]) if steps else None,
+        "decode_tokens_per_s_median_step": 1 / statistics.median(steps) if steps else None,
+        "reused": conv.kv_cache.reused if conv.kv_cache is not None else 0,
+    }
+
+
+def context_positions(chat: Chat, conv, img_list) -> int:
+    draft = conv.copy()
+    draft.append_message(draft.roles[1], None)
+    return chat.get_context_emb(draft.get_prompt(), img_list).shape[1]
+
+
+def clone_cache(state: PrefixCache | None) -> PrefixCache | None:
+    """An independent copy of a conversation's KV cache, to replay the same turn several times."""
+    if state is None or state.keys is None:
+        return None
+    clone = PrefixCache(copy.deepcopy(state.cache), state.llm)
+    clone.keys, clone.images = list(state.keys), list(state.images)
+    return clone
+
+
+def cache_bytes(state: PrefixCache | None) -> int:
+    if state is None:
+        return 0
+    return sum(t.numel() * t.element_size() for layer in state.cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values), "iters": len(values)}
+
+
+def random_images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8).numpy())
+        for _ in range(n)
+    ]
+
+
+# ---- models ---------------------------------------------------------------------------------------
+def quant_unavailable(quant: str, device: torch.device) -> str | None:
+    """Why ``quant`` cannot run here, or None."""
+    if quant == "none":
+        return None
+    if device.type != "cuda":
+        return "8-bit and 4-bit LLMs need a CUDA GPU (bitsandbytes)"
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # ImportError, or a CUDA library it cannot load
+        return f"bitsandbytes cannot be imported: {type(err).__name__}: {err}"
+    return None
+
+
+def save_fp16_llm(folder: Path, device: torch.device, tiny: bool) -> float:
+    """The random fp16 LLM as safetensors shards next to a tokenizer: what 8-bit/4-bit load from."""
+    from minigpt4.models.llm import load_llm
+
+    start = time.perf_counter()
+    common.write_llm_folder(folder, tiny=tiny)
+    torch.manual_seed(0)
+    with torch.device(device):
+        llm = load_llm(str(folder), torch_dtype="float16", load_weights=False)
+    llm.save_pretrained(folder, max_shard_size="4GB")
+    del llm
+    common.free_memory()
+    return time.perf_counter() - start
+
+
+def build(args, mode: str, quant: str, llm_folder: Path, weights_folder: Callable[[], Path], device: torch.device):
+    attn = "eager" if mode == "reference" else "sdpa"
+    if quant == "none":
+        torch.manual_seed(0)
+        model = common.build_model(common.model_section(llm_folder, tiny=args.tiny, attn_implementation=attn), device)
+    else:
+        from minigpt4.models import MiniGPT4
+
+        section = common.model_section(
+            weights_folder(), tiny=args.tiny, attn_implementation=attn,
+            low_resource=quant == "8bit", load_in_4bit=quant == "4bit", device_8bit=device.index or 0,
+        )
+        torch.manual_seed(0)
+        with torch.device(device):
+            # No ViT, Q-Former or MiniGPT-4 checkpoint is named: only the LLM folder is read.
+            model = MiniGPT4.from_config(section, load_weights=True)
+    actual = model.llama_model.config._attn_implementation
+    if actual != attn:
+        logger.warning("%s: asked for %s attention, the LLM runs %s", mode, attn, actual)
+    return model.eval()
+
+
+def decode_bytes(llm) -> int:
+    """Bytes a decoding step reads: every LLM weight once, but only one row of the embedding table."""
+    embedding = llm.get_input_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in llm.parameters())
+    return weights - embedding.numel() * embedding.element_size()
+
+
+def copy_bandwidth(device: torch.device, gib: int = 4) -> float | None:
+    """Bytes/s of a large device-to-device copy, counting the read and the write."""
+    if device.type != "cuda":
+        return None
+    source = torch.empty(gib * 2**30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    timing = common.time_calls(lambda: target.copy_(source), device, warmup=2, iters=10)
+    del source, target
+    common.free_memory()
+    return 2 * gib * 2**30 / timing["median_s"]
+
+
+# ---- one mode --------------------------------------------------------------------------------------
+def run_chat(args, chat: Chat, image: Image.Image, words: list[int], generation: dict[str, Any]) -> dict[str, Any]:
+    device = chat.device
+    conv, img_list = chat.new_conversation(), []
+    start = time.perf_counter()
+    chat.upload_img(image, conv, img_list)
+    common.synchronize(device)
+    encode_s = time.perf_counter() - start
+    chat.ask(QUESTION_1, conv)
+    common.reset_peak_memory(device)
+
+    # Warm-up: kernels, cuBLAS, and for `compile` the compiled decoding step. It answers in the
+    # conversation itself, whose answer is then forgotten: the cache object turn 1 decodes into
+    # has met the CUDA graphs already.
+    start = time.perf_counter()
+    timed_answer(chat, conv, img_list, min(16, args.decode_tokens), words, **generation)
+    conv.messages.pop()
+    warmup_s = time.perf_counter() - start
+
+    turn1_positions = context_positions(chat, conv, img_list)
+    if turn1_positions + args.decode_tokens + 64 > args.max_length:  # turn 2 adds its question: < 64 positions
+        raise ValueError(f"--max-length {args.max_length}: too short for turn 1's {turn1_positions} positions, --decode-tokens and turn 2")
+    ttft1 = [timed_answer(chat, conv.copy(), img_list, 1, words, **generation)["ttft_s"] for _ in range(args.repeats)]
+    turn1 = timed_answer(chat, conv, img_list, args.decode_tokens, words, **generation)
+    peak_turn1 = common.peak_memory_gb(device)
+
+    # Every repeat of turn 2 starts from the state right after turn 1; the snapshot that keeps it
+    # is the benchmark's, so its bytes are taken off the peak.
+    snapshot = clone_cache(conv.kv_cache)
+    conv.kv_cache = None
+    common.reset_peak_memory(device)
+    ttft2, reused2 = [], set()
+    for _ in range(args.repeats):
+        draft = conv.copy()
+        draft.kv_cache = clone_cache(snapshot)
+        chat.ask(QUESTION_2, draft)
+        turn2_positions = context_positions(chat, draft, img_list)
+        result = timed_answer(chat, draft, img_list, 1, words, **generation)
+        ttft2.append(result["ttft_s"])
+        reused2.add(result["reused"])
+        del draft
+    peak_turn2 = common.peak_memory_gb(device)
+    if peak_turn2 is not None:
+        peak_turn2 -= cache_bytes(snapshot) / 2**30
+    peaks = [p for p in (peak_turn1, peak_turn2) if p is not None]
+    return {
+        "image_positions": img_list[0].shape[1],
+        "encode_image_s": encode_s,
+        "warmup_s": warmup_s,
+        "ttft_turn1_s": summary(ttft1),
+        "ttft_turn2_s": summary(ttft2),
+        "turn1_context_positions": turn1_positions,
+        "turn1_tokens": args.decode_tokens,
+        "turn2_context_positions": turn2_positions,
+        "turn2_prefilled_positions": turn2_positions - min(reused2),
+        "turn1_after_last_token_s": turn1["after_last_token_s"],
+        "decode_tokens": args.decode_tokens,
+        "decode_tokens_per_s": turn1["decode_tokens_per_s"],
+        "decode_tokens_per_s_median_step": turn1["decode_tokens_per_s_median_step"],
+        "peak_gb": max(peaks) if peaks else None,
+    }
+
+
+def run_captioning(args, chat: Chat, words: list[int]) -> dict[str, Any]:
+    images = random_images(args.caption_images, 224 if not args.tiny else 32, seed=1)
+    generation = dict(max_new_tokens=args.caption_tokens, do_sample=False, logits_processor=LogitsProcessorList([ForcedWords(words)]))
+    clock = TokenClock()
+    chat.answer_batch(images, CAPTION_PROMPT, streamer=clock, **generation)  # warm-up, and the length check
+    if len(clock.times) != args.caption_tokens:
+        raise RuntimeError(f"captions have {len(clock.times)} tokens, not {args.caption_tokens}")
+    one_by_one = common.time_calls(lambda: [chat.answer_batch([image], CAPTION_PROMPT, **generation) for image in images], chat.device, 0, 1)
+    batched = common.time_calls(lambda: chat.answer_batch(images, CAPTION_PROMPT, **generation), chat.device, 0, args.repeats)
+    rates = {"batch_1": len(images) / one_by_one["median_s"], f"batch_{len(images)}": len(images) / batched["median_s"]}
+    return {
+        "images": len(images),
+        "new_tokens": args.caption_tokens,
+        "batch_1_s": one_by_one,
+        f"batch_{len(images)}_s": batched,
+        "images_per_s": rates,
+        "speedup": rates[f"batch_{len(images)}"] / rates["batch_1"],
+    }
+
+
+def run_mode(args, mode: str, quant: str, llm_folder: Path, weights_folder, device: torch.device, bandwidth: float | None) -> dict[str, Any]:
+    logger.info("%s, %s: building the model", quant, mode)
+    common.reset_peak_memory(device)
+    start = time.perf_counter()
+    model = build(args, mode, quant, llm_folder, weights_folder, device)
+    common.synchronize(device)
+    record: dict[str, Any] = {
+        "attn_implementation": model.llama_model.config._attn_implementation,
+        "reuse_kv_cache": mode != "reference",
+        "cache": "static" if mode == "compile" else "dynamic",
+        "vit_device": "cpu" if model.low_resource else str(device),
+        "load_s": time.perf_counter() - start,
+        "load_peak_gb": common.peak_memory_gb(device),
+    }
+    processor = Blip2ImageEvalProcessor(32 if args.tiny else 224)
+    chat = Chat(model, processor, device, CONV_VISION_Vicuna0, reuse_kv_cache=mode != "reference")
+    words = filler_ids(model.llama_tokenizer, max(args.decode_tokens, args.caption_tokens))
+    # max_length bounds the context Chat keeps, and sizes compile's static cache: every decoding
+    # step attends over all of it, so it is no longer than this chat needs.
+    generation = {"max_length": args.max_length}
+    if mode == "compile":
+        generation["cache_implementation"] = "static"
+    image = random_images(1, 224 if not args.tiny else 32)[0]
+    record.update(run_chat(args, chat, image, words, generation))
+    llm_bytes = decode_bytes(model.llama_model)
+    limit = bandwidth / llm_bytes if bandwidth else None
+    record.update(
+        decode_bytes_per_token=llm_bytes,
+        decode_limit_tokens_per_s=limit,
+        decode_fraction_of_limit=record["decode_tokens_per_s"] / limit if limit else None,
+    )
+    if quant == "none" and mode == "default" and args.caption_images:
+        logger.info("%s, %s: captioning %d images", quant, mode, args.caption_images)
+        record["captioning"] = run_captioning(args, chat, words)
+    logger.info(
+        "%s, %s: TTFT %.1f / %.1f ms, %.1f tokens/s, peak %s GB", quant, mode,
+        record["ttft_turn1_s"]["median_s"] * 1e3, record["ttft_turn2_s"]["median_s"] * 1e3,
+        record["decode_tokens_per_s"], _fmt(record["peak_gb"], ".2f"),
+    )
+    return record
+
+
+# ---- the record ------------------------------------------------------------------------------------
+def measured(m: dict[str, Any] | None) -> bool:
+    return m is not None and "error" not in m and "skipped" not in m
+
+
+def ratios_of(modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    base = modes.get("reference")
+    if not measured(base):
+        return {}
+    out = {}
+    for name, m in modes.items():
+        if name == "reference" or not measured(m):
+            continue
+        out[name] = {
+            "ttft_turn1": common.ratio(m["ttft_turn1_s"]["median_s"], base["ttft_turn1_s"]["median_s"]),
+            "ttft_turn2": common.ratio(m["ttft_turn2_s"]["median_s"], base["ttft_turn2_s"]["median_s"]),
+            "decode_tokens_per_s": common.ratio(m["decode_tokens_per_s"], base["decode_tokens_per_s"]),
+            "peak_gb": common.ratio(m["peak_gb"], base["peak_gb"]),
+        }
+    return out
+
+
+def goals_of(runs: dict[str, dict[str, Any]], ratios: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def goal(value: float | None, target: float, at_most: bool) -> dict[str, Any]:
+        met = None if value is None else (value <= target if at_most else value >= target)
+        return {"value": value, "target": target, "at_most" if at_most else "at_least": True, "met": met}
+
+    fp16 = runs.get("none", {})
+    turn2 = [r["ttft_turn2"] for r in ratios.get("none", {}).values() if r.get("ttft_turn2")]
+    decode = [m.get("decode_fraction_of_limit") for name, m in fp16.items() if name != "reference" and m.get("decode_fraction_of_limit")]
+    caption = fp16.get("default", {}).get("captioning", {}).get("speedup")
+    return {
+        "ttft_turn2_vs_reference_fp16": goal(min(turn2, default=None), GOALS["ttft_turn2_vs_reference"], True),
+        "decode_fraction_of_limit_fp16": goal(max(decode, default=None), GOALS["decode_fraction_of_limit"], False),
+        "captioning_batch_speedup": goal(caption, GOALS["captioning_batch_speedup"], False),
+        "peak_gb_8bit_default": goal(runs.get("8bit", {}).get("default", {}).get("peak_gb"), GOALS["peak_gb_8bit"], True),
+        "peak_gb_4bit_default": goal(runs.get("4bit", {}).get("default", {}).get("peak_gb"), GOALS["peak_gb_4bit"], True),
+    }
+
+
+def table(runs: dict[str, dict[str, Any]], ratios: dict[str, Any], goals: dict[str, Any]) -> str:
+    lines = [f"{'quant':<5} {'mode':<9} {'TTFT1 ms':>9} {'TTFT2 ms':>9} {'prefill2':>8} {'tok/s':>7} {'of limit':>8} {'peak GB':>8} {'TTFT2 x ref':>11}"]
+    for quant, modes in runs.items():
+        for name, m in modes.items():
+            if not measured(m):
+                lines.append(f"{quant:<5} {name:<9} {m.get('error') or m.get('skipped')}")
+                continue
+            lines.append(
+                f"{quant:<5} {name:<9} {m['ttft_turn1_s']['median_s'] * 1e3:>9.1f} {m['ttft_turn2_s']['median_s'] * 1e3:>9.1f} "
+                f"{m['turn2_prefilled_positions']:>8} {m['decode_tokens_per_s']:>7.1f} {_fmt(m['decode_fraction_of_limit'], '.0%'):>8} "
+                f"{_fmt(m['peak_gb'], '.2f'):>8} {_fmt(1.0 if name == 'reference' else ratios.get(quant, {}).get(name, {}).get('ttft_turn2'), '.2f'):>11}"
+            )
+    caption = runs.get("none", {}).get("default", {}).get("captioning")
+    if caption:
+        rates = " vs ".join(f"{k.replace('_', ' ')}: {v:.2f}" for k, v in caption["images_per_s"].items())
+        lines.append(f"captioning images/s, {rates} ({caption['speedup']:.1f}x)")
+    met = ", ".join(f"{name} {_fmt(g['value'], '.2f')} {'ok' if g['met'] else '-' if g['met'] is None else 'MISSED'}" for name, g in goals.items())
+    lines.append(f"goals: {met}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny ViT/Q-Former/LLaMA on the CPU (a smoke test; fp16 only)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["reference", "default"])
+    parser.add_argument("--compile", action="store_true", help="add the compile mode (fp16): static cache, decoding step compiled")
+    parser.add_argument("--quant", nargs="+", choices=QUANTS, default=list(QUANTS), help="LLM precisions (none = fp16)")
+    parser.add_argument("--decode-tokens", type=int, default=256, help="turn 1's reply length, the decode measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each TTFT and of the batched captioning")
+    parser.add_argument("--caption-images", type=int, default=16, help="images captioned one by one and in one batch (0: skip)")
+    parser.add_argument("--caption-tokens", type=int, default=64, help="new tokens per caption")
+    parser.add_argument("--max-length", type=int, default=1024, help="Chat's max_length (context + new tokens); compile's static cache size")
+    parser.add_argument("--device", help="default: cuda when there is one (cpu with --tiny)")
+    parser.add_argument("--tmp-dir", help="where the fp16 7B weights are saved for 8-bit/4-bit (13.5 GB; default: the system's)")
+    parser.add_argument("--out", help=f"results folder (default {common.RESULTS})")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type != "cuda" and not args.tiny:
+        parser.error("the real shapes (a 7B LLM) need a CUDA device; use --tiny on the CPU")
+    if args.decode_tokens < 2:
+        parser.error("--decode-tokens: at least 2 (the decode rate is measured after the first token)")
+    if args.repeats < 1:
+        parser.error("--repeats: at least 1")
+    modes = [m for m in MODES if m in args.modes or (m == "compile" and args.compile)]
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny matrices: a second thread only adds waiting
+
+    started = time.perf_counter()
+    bandwidth = copy_bandwidth(device)
+    work = Path(tempfile.mkdtemp(prefix="bench-chat-", dir=args.tmp_dir))
+    saved: dict[str, Any] = {}
+
+    def weights_folder() -> Path:
+        if "folder" not in saved:
+            logger.info("saving the random fp16 LLM for the 8-bit/4-bit loads")
+            saved["folder"] = work / "llm-fp16"
+            saved["save_s"] = save_fp16_llm(saved["folder"], device, args.tiny)
+        return saved["folder"]
+
+    runs: dict[str, dict[str, Any]] = {}
+    try:
+        llm_folder = common.write_llm_folder(work / "llm", tiny=args.tiny)
+        for quant in args.quant:
+            runs[quant] = {}
+            reason = quant_unavailable(quant, device)
+            for mode in modes:
+                if mode == "compile" and quant != "none":
+                    continue  # bitsandbytes layers are not compiled
+                if reason:
+                    runs[quant][mode] = {"skipped": reason}
+                    continue
+                try:
+                    runs[quant][mode] = run_mode(args, mode, quant, llm_folder, weights_folder, device, bandwidth)
+                except Exception as err:  # a failed precision must not lose the others' numbers
+                    logger.exception("%s, %s failed", quant, mode)
+                    runs[quant][mode] = {"error": f"{type(err).__name__}: {err}"}
+                common.free_memory()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    ratios = {quant: ratios_of(modes_run) for quant, modes_run in runs.items()}
+    goals = goals_of(runs, ratios)
+    payload = {
+        "benchmark": "chat",
+        "environment": common.environment(device),
+        "settings": {
+            "tiny": args.tiny, "modes": modes, "quant": args.quant, "decode_tokens": args.decode_tokens,
+            "repeats": args.repeats, "caption_images": args.caption_images, "caption_tokens": args.caption_tokens,
+            "max_length": args.max_length,
+            "template": "pretrain_vicuna0", "questions": [QUESTION_1, QUESTION_2],
+        },
+        "shapes": {
+            "llm": common.LLAMA_TINY if args.tiny else common.LLAMA_7B,
+            "vit": common.TINY_VIT if args.tiny else "eva_vit_g (depth 39, width 1408)",
+            "qformer": common.TINY_QFORMER if args.tiny else "bert-base (12 layers, 768)",
+            "image_size": 32 if args.tiny else 224,
+        },
+        "copy_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
+        "save_fp16_llm_s": saved.get("save_s"),
+        "runs": runs,
+        "ratios": ratios,
+        "goals": goals,
+        "total_s": time.perf_counter() - started,
+    }
+    path = common.save_results("chat_tiny" if args.tiny else "chat", payload, args.out)
+    print(f"results: {path}")
+    print(table(runs, ratios, goals))
+
+
+if __name__ == "__main__":
+    main()

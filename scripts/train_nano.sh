@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The nano MiniGPT-4 from nothing: stage 0 (the vision side alone), stage 1 (captioning into the
+# frozen SmolLM2, only llama_proj learns), stage 2 (questions), then the shipped weights file and
+# its score on 200 held-out scenes. Each stage resumes from its newest checkpoint and a finished
+# stage is skipped, so the script can be stopped and started again at any point.
+#
+#   bash scripts/train_nano.sh                 # CPU: many hours on 2 cores
+#   DEVICE=cuda bash scripts/train_nano.sh     # one GPU: minutes (bf16 autocast, 8 loader workers)
+#   OUT=/tmp/nano bash scripts/train_nano.sh   # somewhere other than ./output
+#   EXTRA_OPTS="model.llama_model=/path/SmolLM2-135M-Instruct.Q4_1.gguf" ...  # more --options for every step
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE="${DEVICE:-cpu}"
+OUT="${OUT:-output}"
+PYTHON="${PYTHON:-python}"
+read -ra extra <<< "${EXTRA_OPTS:-}"
+opts=("run.device=$DEVICE")
+if [[ "$DEVICE" == cuda* ]]; then
+    opts+=(run.amp=True run.amp_dtype=bfloat16 "run.num_workers=${WORKERS:-8}")
+fi
+
+# the last checkpoint of each stage (run.max_epoch - 1 in its config)
+S0="$OUT/minigpt4_nano_stage0/run/checkpoint_7.pth"
+S1="$OUT/minigpt4_nano_stage1/run/checkpoint_3.pth"
+S2="$OUT/minigpt4_nano_stage2/run/checkpoint_5.pth"
+
+train() {  # config, output dir, extra options...
+    "$PYTHON" train.py --cfg-path "$1" --resume auto --options "${opts[@]}" "run.output_dir=$2" "${@:3}" "${extra[@]}"
+}
+[[ -f "$S0" ]] || train train_configs/minigpt4_nano_stage0.yaml "$OUT/minigpt4_nano_stage0"
+[[ -f "$S1" ]] || train train_configs/minigpt4_nano_stage1.yaml "$OUT/minigpt4_nano_stage1" "model.ckpt=$S0"
+[[ -f "$S2" ]] || train train_configs/minigpt4_nano_stage2.yaml "$OUT/minigpt4_nano_stage2" "model.ckpt=[$S0,$S1]"
+
+"$PYTHON" -m minigpt4.models.export --cfg-path train_configs/minigpt4_nano_stage2.yaml \
+    --out "$OUT/minigpt4_nano.pth" --options "model.ckpt=[$S0,$S2]" "${extra[@]}"
+"$PYTHON" -m minigpt4.tasks.eval_shapes -n 200 --options "model.ckpt=$(realpath "$OUT/minigpt4_nano.pth")" "${extra[@]}" | tee "$OUT/eval200.json"
+echo "weights: $OUT/minigpt4_nano.pth (copy to minigpt4/weights/ to ship them)"
