@@ -50,30 +50,17 @@ def write_llm_folder(out: str | os.PathLike, tiny: bool = False, tokenizer_vocab
     The tokenizer is small (ids < ``tokenizer_vocab``); the model keeps the real 32000-row
     embedding and LM head, which is what costs time and memory.
     """
-    import sentencepiece as spm
     from transformers import LlamaConfig
+
+    from minigpt4.common.toy_tokenizer import train_llama_sentencepiece
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "tokenizer.model").is_file():
-        corpus = out / "corpus.txt"
         lines = [" ".join(WORDS[(i * k + i) % len(WORDS)] for k in range(1, 16)) for i in range(2000)]
         lines += ["###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: A picture."] * 50
         lines += ["[INST] <Img><ImageHere></Img> What is in the picture? [/INST] A picture of a dog."] * 50
-        corpus.write_text("\n".join(lines))
-        spm.SentencePieceTrainer.train(
-            input=str(corpus),
-            model_prefix=str(out / "tokenizer"),
-            vocab_size=tokenizer_vocab,
-            model_type="bpe",
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            byte_fallback=True,
-            character_coverage=1.0,
-            minloglevel=2,
-        )
+        train_llama_sentencepiece(out, lines, tokenizer_vocab)
     shape = dict(LLAMA_TINY if tiny else LLAMA_7B)
     config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     config.save_pretrained(out)

@@ -91,31 +91,13 @@ def tiny_models() -> dict:
 
 
 def train_sentencepiece(out_dir: Path, vocab_size: int = 300) -> Path:
-    """A LLaMA-style sentencepiece model (unk 0, bos 1, eos 2, byte fallback) trained on a toy corpus."""
-    import sentencepiece as spm
+    """A LLaMA-style sentencepiece model trained on a toy corpus of the scenes' words."""
+    from minigpt4.common.toy_tokenizer import train_llama_sentencepiece
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = out_dir / "corpus.txt"
     words = "the a red green blue yellow purple orange circle square triangle image picture shape left right of to is".split()
-    lines = []
-    for i in range(400):
-        lines.append(" ".join(words[(i * k) % len(words)] for k in range(1, 12)))
+    lines = [" ".join(words[(i * k) % len(words)] for k in range(1, 12)) for i in range(400)]
     lines += ["###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: A picture."] * 20
-    corpus.write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(out_dir / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        byte_fallback=True,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    return out_dir / "tokenizer.model"
+    return train_llama_sentencepiece(out_dir, lines, vocab_size)
 
 
 @pytest.fixture(scope="session")

@@ -305,7 +305,10 @@ class PrefixCache:
 
     def crop(self, held: int, keep: int) -> None:
         if held > keep:
-            self.cache.crop(keep - held)
+            # A static cache crops by updating its length counter in place, and on a GPU that
+            # counter was made inside generate's inference mode: only inference mode may touch it.
+            with torch.inference_mode():
+                self.cache.crop(keep - held)
 
     def finish(self, generated: Sequence[int]) -> None:
         """Record the turn that generated ``generated``; the cache stays unusable if it holds anything else."""

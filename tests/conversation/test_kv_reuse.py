@@ -8,12 +8,12 @@ import io
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StaticCache
 
 from conftest import REF, REPO, tiny_model_section
 from minigpt4.chat import chat_loop, parse_args
 from minigpt4.conversation import CONV_VISION_LLama2, CONV_VISION_SmolLM2, CONV_VISION_Vicuna0, Chat
-from minigpt4.conversation.conversation import common_prefix
+from minigpt4.conversation.conversation import PrefixCache, common_prefix
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
 QUESTIONS = ["What is in the picture?", "Which colour is it?", "And the shape on the left?"]
@@ -366,3 +366,16 @@ def test_demo_sessions_reuse_the_cache_and_answer_as_the_original(make_chat, ori
     fresh, _ = handlers.clear_history(conv, img_list)
     reply, fresh, after_clear = turn(QUESTIONS[0], fresh)
     assert reply == reference[0][0] and after_clear < first  # the system prompt and image came from the cache
+
+
+def test_a_static_cache_filled_under_inference_mode_can_be_cropped(models):
+    # On a GPU a static cache's tensors (its length counter too) come into being in generate's
+    # inference mode, and cropping updates the counter in place, outside generate (answer_prepare,
+    # the reply prefill). Measured on an H100: "Inplace update to inference tensor outside
+    # InferenceMode". Building the cache in inference mode gives the CPU the same tensors.
+    llm = models["vicuna0"].llama_model
+    with torch.inference_mode():
+        cache = StaticCache(config=llm.config, max_cache_len=32)
+        llm(inputs_embeds=torch.randn(1, 6, llm.config.hidden_size), cache=cache, use_cache=True)
+    PrefixCache(cache, llm).crop(6, 4)
+    assert int(cache.get_seq_length()) == 4
