@@ -19,7 +19,7 @@ WEIGHTS = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
 
 pytestmark = pytest.mark.slow
 
-# 200 held-out scenes: 79% exact, 96.5% counting (docs/nano.md); these first 24 (greedy,
+# 200 held-out scenes: 81.5% exact, 96% counting (docs/nano.md); these first 24 (greedy,
 # deterministic) give 17/24 exact and 24/24 counts on a CPU
 MIN_EXACT = 0.6
 MIN_COUNTING = 0.9
