@@ -363,7 +363,7 @@ def run_mode(args, mode: str, quant: str, llm_folder: Path, weights_folder, devi
     logger.info(
         "%s, %s: TTFT %.1f / %.1f ms, %.1f tokens/s, peak %s GB", quant, mode,
         record["ttft_turn1_s"]["median_s"] * 1e3, record["ttft_turn2_s"]["median_s"] * 1e3,
-        record["decode_tokens_per_s"], _fmt(record["peak_gb"], ".2f"),
+        record["decode_tokens_per_s"], common.fmt(record["peak_gb"], ".2f"),
     )
     return record
 
@@ -417,20 +417,16 @@ def table(runs: dict[str, dict[str, Any]], ratios: dict[str, Any], goals: dict[s
                 continue
             lines.append(
                 f"{quant:<5} {name:<9} {m['ttft_turn1_s']['median_s'] * 1e3:>9.1f} {m['ttft_turn2_s']['median_s'] * 1e3:>9.1f} "
-                f"{m['turn2_prefilled_positions']:>8} {m['decode_tokens_per_s']:>7.1f} {_fmt(m['decode_fraction_of_limit'], '.0%'):>8} "
-                f"{_fmt(m['peak_gb'], '.2f'):>8} {_fmt(1.0 if name == 'reference' else ratios.get(quant, {}).get(name, {}).get('ttft_turn2'), '.2f'):>11}"
+                f"{m['turn2_prefilled_positions']:>8} {m['decode_tokens_per_s']:>7.1f} {common.fmt(m['decode_fraction_of_limit'], '.0%'):>8} "
+                f"{common.fmt(m['peak_gb'], '.2f'):>8} {common.fmt(1.0 if name == 'reference' else ratios.get(quant, {}).get(name, {}).get('ttft_turn2'), '.2f'):>11}"
             )
     caption = runs.get("none", {}).get("default", {}).get("captioning")
     if caption:
         rates = " vs ".join(f"{k.replace('_', ' ')}: {v:.2f}" for k, v in caption["images_per_s"].items())
         lines.append(f"captioning images/s, {rates} ({caption['speedup']:.1f}x)")
-    met = ", ".join(f"{name} {_fmt(g['value'], '.2f')} {'ok' if g['met'] else '-' if g['met'] is None else 'MISSED'}" for name, g in goals.items())
+    met = ", ".join(f"{name} {common.fmt(g['value'], '.2f')} {'ok' if g['met'] else '-' if g['met'] is None else 'MISSED'}" for name, g in goals.items())
     lines.append(f"goals: {met}")
     return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import random
 import sys
@@ -351,16 +350,12 @@ def table(stages: dict[str, dict[str, Any]]) -> str:
                 continue
             ratio = 1.0 if name == "reference" else stage["ratios"].get(name)
             lines.append(
-                f"{stage_name[-1]:<6} {name:<{w}} {m['samples_per_s']:>10.2f} {_fmt(ratio, '.2f'):>6} "
-                f"{m['step_s']['median_s'] * 1e3:>8.1f} {_fmt(m['peak_memory_gb'], '.1f'):>8} {_fmt(m['mfu'], '.1%'):>6}"
+                f"{stage_name[-1]:<6} {name:<{w}} {m['samples_per_s']:>10.2f} {common.fmt(ratio, '.2f'):>6} "
+                f"{m['step_s']['median_s'] * 1e3:>8.1f} {common.fmt(m['peak_memory_gb'], '.1f'):>8} {common.fmt(m['mfu'], '.1%'):>6}"
             )
         best = max((r for r in stage["ratios"].values() if r), default=None)
-        lines.append(f"{'':<6} best {_fmt(best, '.2f')}x the reference (goal {stage['goal']}x)")
+        lines.append(f"{'':<6} best {common.fmt(best, '.2f')}x the reference (goal {stage['goal']}x)")
     return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
@@ -139,11 +140,10 @@ def peak_memory_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def free_memory(*objects: Any) -> None:
-    """Drop references held here and return the cached blocks, so the next mode starts clean."""
+def free_memory() -> None:
+    """Collect what the last mode left unreferenced and return the cached blocks, so the next mode starts clean."""
     import gc
 
-    del objects
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -187,6 +187,11 @@ def save_results(name: str, payload: dict[str, Any], out: str | os.PathLike | No
     path = folder / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """``value`` formatted for a results table; "-" when it was not measured."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def ratio(new: float | None, base: float | None) -> float | None:

@@ -71,7 +71,8 @@ class SceneClassifier(nn.Module):
 
 @registry.register_task("vision_pretrain")
 class VisionPretrainTask(BaseTask):
-    """Trains :class:`SceneClassifier` on ``samples["slots"]`` (per slot: one of 18 pairs or empty)."""
+    """Trains :class:`SceneClassifier` on ``samples["labels"]`` (which of the 18 pairs) and
+    ``samples["slots"]`` (per slot, left to right: one of the 18 pairs or empty)."""
 
     def build_model(self, cfg: Config) -> SceneClassifier:
         model_cfg = cfg.model_cfg
