@@ -21,12 +21,13 @@ Modes:
 - ``default+<flags>``, flags joined by ``+``:
   ``features``: the step starts from the Q-Former outputs (``MiniGPT4.vision_features``), computed
   before the timed steps: the ViT and Q-Former are frozen, so an image's features can be computed
-  once and reused. The one-off rate of that extraction is reported too. It pays when images are
-  seen again, and gives up stage 1's random crops (stage 2's eval processor has none).
+  once and reused (in training: ``run.feature_cache``). The one-off rate of that extraction is
+  reported too. It pays when images are seen again, and gives up stage 1's random crops (stage
+  2's eval processor has none).
   ``packed``: ``model.pack_sequences``: samples share LLM rows (``mini_gpt4.pack_rows``) instead
   of each being padded to the longest; fewer positions to compute, the same loss.
-  ``compile``: every ViT block and LLM decoder layer ``torch.compile``d, compiled in the warmup
-  steps (allow a few minutes; only when named in ``--modes``).
+  ``compile``: every ViT block and LLM decoder layer ``torch.compile``d (``MiniGPT4.compile_blocks``;
+  in training: ``run.compile``), compiled in the warmup steps (only when named in ``--modes``).
 
 By default stage 1 runs reference, default, default+features and default+features+packed;
 stage 2 reference, default, default+packed and default+features+packed.
@@ -215,19 +216,6 @@ def token_counts(model, batches: list[dict[str, Any]], seed: int) -> dict[str, l
 
 
 # ---- one mode -----------------------------------------------------------------------------------
-def compile_blocks(model) -> None:
-    """Regional compilation: the repeated units, so one compiled graph serves every block.
-
-    The LLM's batch and length change from step to step: compiled for any shape from the start.
-    The guards of an earlier mode's compiled graphs are dropped first.
-    """
-    torch._dynamo.reset()
-    for block in model.visual_encoder.blocks:
-        block.compile()
-    for layer in model.llama_model.model.layers:
-        layer.compile(dynamic=True)
-
-
 def run_mode(mode: Mode, stage: Stage, section: dict[str, Any], batches: list[dict[str, Any]], args, peak_tflops: float | None) -> dict[str, Any]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -239,7 +227,8 @@ def run_mode(mode: Mode, stage: Stage, section: dict[str, Any], batches: list[di
     model = common.build_model({**section, **overrides}, device)
     model.train()
     if mode.compile:
-        compile_blocks(model)
+        torch._dynamo.reset()  # drop the guards of an earlier mode's compiled graphs
+        model.compile_blocks()  # what run.compile does in training
     # the runner's builder: fused wherever the parameters are on CUDA, unless the mode forbids it
     optimizer = build_optimizer(model, stage.init_lr, stage.weight_decay, stage.beta2, fused=None if mode.fused_adamw else False)
     use_amp = cuda

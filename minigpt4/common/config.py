@@ -102,6 +102,11 @@ class RunConfig:
     amp_dtype: str = "float16"
     log_freq: int = 50
     save_every_iters: Optional[int] = None
+    # a folder: the frozen ViT/Q-Former's output per image, computed once and then read (needs a
+    # processor without random augmentation, e.g. blip2_image_eval)
+    feature_cache: Optional[str] = None
+    # True: torch.compile every ViT block and LLM decoder layer (MiniGPT4.compile_blocks)
+    compile: bool = False
     resume_ckpt_path: Optional[str] = None
     evaluate: bool = False
     train_splits: List[str] = field(default_factory=lambda: ["train"])

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from minigpt4.common.config import ConfigError
+from minigpt4.common.feature_cache import image_key
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +71,13 @@ class BatchStream(IterableDataset):
 
     ``dataset`` is either map-style (``__len__`` + ``load(index, seed)``) or a shard stream
     (``raw_samples(rng)`` + ``process(raw, seed)``). Batches carry a ``_meta`` dict that
-    :class:`ResumableLoader` strips off to keep its state.
+    :class:`ResumableLoader` strips off to keep its state. With ``image_keys`` they also carry
+    ``image_key``, each image's content hash (the feature cache's key), computed in the workers.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0, image_keys: bool = False):
         self.dataset = dataset
+        self.image_keys = image_keys
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -82,6 +85,12 @@ class BatchStream(IterableDataset):
         self.num_workers = max(num_workers, 1)
         self.start: dict[str, Any] = {"batches": 0, "raw": [0] * self.num_workers}
         self.is_stream = hasattr(dataset, "raw_samples")
+
+    def _collate(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        batch = collate(samples)
+        if self.image_keys:
+            batch["image_key"] = [image_key(image) for image in batch["image"]]
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -122,7 +131,7 @@ class BatchStream(IterableDataset):
                         logger.warning("skipping broken sample: %s", err)
                 else:
                     raise DatasetError(f"{self.dataset.location}: no sample of {n} could be loaded")
-            batch = collate(samples)
+            batch = self._collate(samples)
             batch["_meta"] = {"broken": broken}
             yield batch
             j += self.num_workers
@@ -148,7 +157,7 @@ class BatchStream(IterableDataset):
                 except SampleError as err:
                     broken += 1
                     logger.warning("skipping broken sample: %s", err)
-            batch = collate(samples)
+            batch = self._collate(samples)
             batch["_meta"] = {"broken": broken, "worker": worker, "raw": raw_count}
             yield batch
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from minigpt4.common.config import ConfigError
+from minigpt4.common.feature_cache import FeatureCache, vision_fingerprint
 from minigpt4.common.registry import registry
 from minigpt4.common.utils import get_abs_path, load_state_dict_file, resolve_file, unwrap_state_dict
 from minigpt4.models.base_model import BaseModel
@@ -172,6 +173,8 @@ class MiniGPT4(BaseModel):
         self.logits_on_all_positions = logits_on_all_positions
         self.pack_sequences = pack_sequences
         self.bos_prefix: list[int] = llama_tokenizer("", add_special_tokens=True).input_ids
+        # set by the runner (run.feature_cache): vision features read from disk where cached
+        self.feature_cache: FeatureCache | None = None
 
         # Frozen parts: no gradients, and eval mode (dropout off) even after .train().
         self._frozen: list[nn.Module] = [self.llama_model]
@@ -226,6 +229,36 @@ class MiniGPT4(BaseModel):
             image_embeds = image_embeds[:, 1:, :]  # drop CLS
             bs, pn, hs = image_embeds.shape
             return image_embeds.reshape(bs, pn // PATCHES_PER_TOKEN, hs * PATCHES_PER_TOKEN)
+
+    def frozen_vision(self) -> bool:
+        """Whether ``vision_features`` is fixed: the ViT, and the Q-Former where there is one, are frozen."""
+        params = [*self.visual_encoder.parameters(), *self.ln_vision.parameters()]
+        if self.has_qformer:
+            params += [*self.Qformer.parameters(), self.query_tokens]
+        return not any(p.requires_grad for p in params)
+
+    def vision_fingerprint(self, **settings: Any) -> str:
+        """What ``vision_features`` depends on, as a digest: the feature cache's identity.
+
+        ``settings``: what else changes the features, e.g. the runner's autocast.
+        """
+        settings.update(autocast_dtype=self.autocast_dtype, vit_dtype=self.visual_encoder.patch_embed.proj.weight.dtype, has_qformer=self.has_qformer)
+        return vision_fingerprint([self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens], settings)
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` the repeated units: every ViT block and every LLM decoder layer.
+
+        One compiled graph serves all blocks of a kind, so compilation takes seconds, not the
+        minutes a whole-model compile takes. The LLM's batch and sequence length change from step
+        to step, so its layers are compiled for any shape from the start. Module names, and so
+        checkpoints, are unchanged.
+        """
+        if getattr(self.llama_model, "is_loaded_in_8bit", False) or getattr(self.llama_model, "is_loaded_in_4bit", False):
+            raise ConfigError("run.compile: an 8-bit or 4-bit LLM (low_resource / load_in_4bit) cannot be compiled; turn one of them off")
+        for block in self.visual_encoder.blocks:
+            block.compile()
+        for layer in self.llama_model.get_decoder().layers:
+            layer.compile(dynamic=True)
 
     def project_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``vision_features`` -> (B, N, llm_hidden) embeddings through ``llama_proj``, and their mask."""
@@ -286,10 +319,14 @@ class MiniGPT4(BaseModel):
 
         Per sample: ``[bos] + wrapped input + answer tokens + the input's padding``; labels are
         -100 everywhere but on the answer's (non-pad) tokens. ``samples["image_features"]``
-        (from ``vision_features``), when present, stands in for ``samples["image"]``.
+        (from ``vision_features``), when present, stands in for ``samples["image"]``; so do the
+        ``feature_cache``'s entries for ``samples["image_key"]``.
         """
         if "image_features" in samples:
             img_embeds, img_atts = self.project_features(samples["image_features"])
+        elif self.feature_cache is not None and "image_key" in samples:
+            features = self.feature_cache.features(samples["image_key"], samples["image"], self.vision_features)
+            img_embeds, img_atts = self.project_features(features)
         else:
             img_embeds, img_atts = self.encode_img(samples["image"])
         cond_embeds, cond_atts = self.prompt_wrap(img_embeds, img_atts, self._instruction(samples))

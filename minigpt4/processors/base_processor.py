@@ -8,6 +8,10 @@ from omegaconf import OmegaConf
 class BaseProcessor:
     """A callable turning one raw item (PIL image, caption) into model input."""
 
+    # True where the same item can give different outputs (random crops): nothing computed from
+    # the output can be cached per item (``run.feature_cache``).
+    random_augmentation = False
+
     def __call__(self, item: Any) -> Any:
         raise NotImplementedError
 

@@ -43,6 +43,8 @@ class BlipCaptionProcessor(BaseProcessor):
 
 @registry.register_processor("blip2_image_train")
 class Blip2ImageTrainProcessor(BlipImageBaseProcessor):
+    random_augmentation = True
+
     def __init__(self, image_size: int = 224, mean=None, std=None, min_scale: float = 0.5, max_scale: float = 1.0):
         super().__init__(mean, std)
         self.transform = transforms.Compose(

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from minigpt4.common import dist_utils
 from minigpt4.common.config import Config, ConfigError
+from minigpt4.common.feature_cache import FeatureCache
 from minigpt4.common.logger import MetricLogger
 from minigpt4.common.optims import build_optimizer
 from minigpt4.common.registry import RegistryError, registry
@@ -115,6 +116,7 @@ class RunnerBase:
 
         self._model = model
         self._wrapped_model: nn.Module | None = None
+        self.feature_cache_dir = Path(run.feature_cache) if run.feature_cache else None
         self.train_loader = self._build_train_loader()
         self.iters_per_epoch = self._iters_per_epoch()
         self.model  # placed (and DDP-wrapped) before the optimizer sees the parameters: fused AdamW needs them on the GPU
@@ -137,6 +139,11 @@ class RunnerBase:
             if not getattr(self._model, "low_resource", False):  # an 8-bit LLM is already placed
                 self._model = self._model.to(self.device)
             model = self._model
+            if self.run_cfg.compile:
+                self._require(model, "compile_blocks", "run.compile")
+                model.compile_blocks()
+            if self.feature_cache_dir is not None:
+                model.feature_cache = self._build_feature_cache(model)
             if self.dist.distributed:
                 # frozen weights are loaded from the same files on every rank: skip DDP's
                 # broadcast of them (tens of GB for the LLM) and sync only what is trained
@@ -157,10 +164,31 @@ class RunnerBase:
                 raise ConfigError(f"datasets.{name}.batch_size: missing (the per-GPU batch size)")
             if "train" not in splits:
                 raise ConfigError(f"datasets.{name}: its builder made no 'train' split")
-            stream = BatchStream(splits["train"], int(batch_size), int(self.run_cfg.seed), self.dist.rank, self.dist.world_size, num_workers)
+            if self.feature_cache_dir is not None and getattr(getattr(splits["train"], "vis_processor", None), "random_augmentation", False):
+                name_of = type(splits["train"].vis_processor).__name__
+                raise ConfigError(
+                    f"run.feature_cache: datasets.{name}.vis_processor.train ({name_of}) augments at random, so no two "
+                    "epochs see the same pixels and caching would keep one crop per image; use blip2_image_eval or drop run.feature_cache"
+                )
+            stream = BatchStream(splits["train"], int(batch_size), int(self.run_cfg.seed), self.dist.rank, self.dist.world_size, num_workers,
+                                 image_keys=self.feature_cache_dir is not None)
             loaders.append(ResumableLoader(stream, num_workers, pin_memory=self.device.type == "cuda"))
             ratios.append(float(dataset_cfg.get("sample_ratio", 1)))
         return MultiIterLoader(loaders, ratios, seed=int(self.run_cfg.seed), rank=self.dist.rank)
+
+    @staticmethod
+    def _require(model: nn.Module, method: str, key: str) -> None:
+        if not callable(getattr(model, method, None)):
+            raise ConfigError(f"{key}: {type(model).__name__} has no {method}()")
+
+    def _build_feature_cache(self, model: nn.Module) -> FeatureCache:
+        self._require(model, "vision_fingerprint", "run.feature_cache")
+        if not model.frozen_vision():
+            raise ConfigError("run.feature_cache: the ViT or Q-Former trains (model.freeze_vit / freeze_qformer: False), so its features change every step")
+        fingerprint = model.vision_fingerprint(amp=self.use_amp, amp_dtype=self.amp_dtype)
+        cache = FeatureCache(self.feature_cache_dir, fingerprint)
+        logger.info("run.feature_cache: %s (vision fingerprint %s)", cache.root, fingerprint[:12])
+        return cache
 
     def _iters_per_epoch(self) -> int:
         if self.run_cfg.iters_per_epoch:
@@ -254,6 +282,10 @@ class RunnerBase:
         stats = metrics.global_avg()
         stats["loss"] = dist_utils.all_reduce_mean(stats.get("loss", float("nan")), self.device)
         stats["broken_samples"] = self.train_loader.broken
+        cache = getattr(self.unwrap_model(), "feature_cache", None)
+        if cache is not None:
+            logger.info("run.feature_cache: %d images read from the cache, %d computed so far", cache.hits, cache.misses)
+            stats["feature_cache_hits"], stats["feature_cache_misses"] = cache.hits, cache.misses
         return stats
 
     # ---- logging --------------------------------------------------------------------------------
