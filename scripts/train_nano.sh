@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The nano MiniGPT-4 from nothing: stage 0 (the vision side alone), stage 1 (captioning into the
-# frozen SmolLM2, only llama_proj learns), stage 2 (questions), then the shipped weights file and
-# its score on 200 held-out scenes. Each stage resumes from its newest checkpoint and a finished
+# frozen SmolLM2, only llama_proj learns), stage 2 (questions) and its two describe-weighted
+# continuations (2d, 2e in docs/nano.md), then the shipped weights file and its score on 200
+# held-out scenes. Each stage resumes from its newest checkpoint and a finished
 # stage is skipped, so the script can be stopped and started again at any point.
 #
 #   bash scripts/train_nano.sh                 # CPU: many hours on 2 cores
@@ -24,6 +25,8 @@ fi
 S0="$OUT/minigpt4_nano_stage0/run/checkpoint_7.pth"
 S1="$OUT/minigpt4_nano_stage1/run/checkpoint_3.pth"
 S2="$OUT/minigpt4_nano_stage2/run/checkpoint_5.pth"
+S2D="$OUT/minigpt4_nano_stage2d/run/checkpoint_0.pth"
+S2E="$OUT/minigpt4_nano_stage2e/run/checkpoint_0.pth"
 
 train() {  # config, output dir, extra options...
     "$PYTHON" train.py --cfg-path "$1" --resume auto --options "${opts[@]}" "run.output_dir=$2" "${@:3}" "${extra[@]}"
@@ -31,8 +34,16 @@ train() {  # config, output dir, extra options...
 [[ -f "$S0" ]] || train train_configs/minigpt4_nano_stage0.yaml "$OUT/minigpt4_nano_stage0"
 [[ -f "$S1" ]] || train train_configs/minigpt4_nano_stage1.yaml "$OUT/minigpt4_nano_stage1" "model.ckpt=$S0"
 [[ -f "$S2" ]] || train train_configs/minigpt4_nano_stage2.yaml "$OUT/minigpt4_nano_stage2" "model.ckpt=[$S0,$S1]"
+# Describing loses ground to the other questions in stage 2: win it back with more "describe".
+[[ -f "$S2D" ]] || train train_configs/minigpt4_nano_stage2.yaml "$OUT/minigpt4_nano_stage2d" "model.ckpt=[$S0,$S2]" \
+    datasets.synthetic_shapes.build_info.seed=5 "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,describe,describe,count,colour,where]" \
+    run.init_lr=2e-4 run.min_lr=1e-5 run.warmup_steps=20 run.max_epoch=1 run.iters_per_epoch=2000
+[[ -f "$S2E" ]] || train train_configs/minigpt4_nano_stage2.yaml "$OUT/minigpt4_nano_stage2e" "model.ckpt=[$S0,$S2D]" \
+    datasets.synthetic_shapes.batch_size=16 datasets.synthetic_shapes.build_info.seed=7 \
+    "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,describe,describe,describe,count,colour,where]" \
+    run.init_lr=5e-5 run.min_lr=5e-6 run.warmup_steps=10 run.max_epoch=1 run.iters_per_epoch=800
 
 "$PYTHON" -m minigpt4.models.export --cfg-path train_configs/minigpt4_nano_stage2.yaml \
-    --out "$OUT/minigpt4_nano.pth" --options "model.ckpt=[$S0,$S2]" "${extra[@]}"
+    --out "$OUT/minigpt4_nano.pth" --options "model.ckpt=[$S0,$S2E]" "${extra[@]}"
 "$PYTHON" -m minigpt4.tasks.eval_shapes -n 200 --options "model.ckpt=$(realpath "$OUT/minigpt4_nano.pth")" "${extra[@]}" | tee "$OUT/eval200.json"
 echo "weights: $OUT/minigpt4_nano.pth (copy to minigpt4/weights/ to ship them)"
