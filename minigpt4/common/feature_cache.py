@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from minigpt4.common.config import ConfigError
+from minigpt4.common.utils import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class FeatureCache:
             if self.root.exists() and not self.root.is_dir():
                 raise ConfigError(f"run.feature_cache: {self.root} is a file, not a folder")
             self.root.mkdir(parents=True, exist_ok=True)
-            _write_atomic(meta_path, json.dumps({"format": FORMAT, "fingerprint": fingerprint}).encode())
+            write_atomic(meta_path, lambda tmp: tmp.write_text(json.dumps({"format": FORMAT, "fingerprint": fingerprint})))
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.pt"
@@ -112,12 +113,5 @@ class FeatureCache:
     def _store(self, key: str, feature: torch.Tensor) -> None:
         path = self.path(key)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(feature.detach().to("cpu").clone(), tmp)
-        os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+        feature = feature.detach().to("cpu").clone()
+        write_atomic(path, lambda tmp: torch.save(feature, tmp))

@@ -5,7 +5,7 @@ import logging
 import os
 import urllib.error
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
 import torch
@@ -71,6 +71,20 @@ def cached_download(url: str, key: str) -> Path:
             f"local file, or place it at {target}."
         ) from err
     return target
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``.
+
+    A reader, another process writing the same path, or a run killed mid-write sees the old file
+    or the new one, never half of one. The temporary name holds the process id, so concurrent
+    writers (DDP ranks) never share it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def resolve_file(value: str | os.PathLike, key: str) -> Path:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 import torch
+
+from minigpt4.common.utils import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,7 @@ def export_weights(model: torch.nn.Module, out: str | Path, dtype: torch.dtype =
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save({"model": state}, tmp)
-    os.replace(tmp, out)
+    write_atomic(out, lambda tmp: torch.save({"model": state}, tmp))
     logger.info("wrote %d tensors (%.1f MB) to %s", len(state), out.stat().st_size / 1e6, out)
     return out
 

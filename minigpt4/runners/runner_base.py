@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -35,7 +34,7 @@ from minigpt4.common.feature_cache import FeatureCache
 from minigpt4.common.logger import MetricLogger
 from minigpt4.common.optims import build_optimizer
 from minigpt4.common.registry import RegistryError, registry
-from minigpt4.common.utils import CheckpointError, load_state_dict_file
+from minigpt4.common.utils import CheckpointError, load_state_dict_file, write_atomic
 from minigpt4.datasets.data_utils import BatchStream, MultiIterLoader, ResumableLoader, move_to_device
 
 logger = logging.getLogger(__name__)
@@ -354,9 +353,7 @@ class RunnerBase:
             "rng_state": rng_state,
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a reader (or --resume auto after a kill) sees the old or the new file, never half
+        write_atomic(path, lambda tmp: torch.save(state, tmp))  # --resume auto after a kill sees the old or the new file, never half
         logger.info("saved %s", path)
         for old in self.output_dir.glob("checkpoint_*_iter*.pth"):
             if old != path:
