@@ -9,8 +9,10 @@
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,9 +22,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Downloads and converted LLMs go to a throwaway cache, never the user's ~/.cache (set
-# MINIGPT4_CACHE to reuse a converted SmolLM2 between runs).
-os.environ.setdefault("MINIGPT4_CACHE", tempfile.mkdtemp(prefix="minigpt4-test-cache-"))
+# Downloads, converted LLMs (SmolLM2 is 0.5 GB in fp32) and torch.compile's kernels go to a
+# throwaway cache, never the user's ~/.cache, and it is removed when the session ends (set
+# MINIGPT4_CACHE to keep a converted SmolLM2 between runs).
+if "MINIGPT4_CACHE" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="minigpt4-test-cache-")
+    os.environ["MINIGPT4_CACHE"] = _CACHE
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
