@@ -6,6 +6,7 @@ vocabulary, so padding uses the unk id 0 exactly as the original did.
 """
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import logging
 import os
@@ -68,6 +69,9 @@ def gguf_to_hf_folder(path: str | Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # fp32 takes at most 8x a >= 4-bit GGUF (0.54 GB for SmolLM2's 94 MB): fail before the work.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _check_room(target.parent, gguf, need=8 * gguf.stat().st_size)
     logger.info("converting %s to an HF folder at %s (once)", gguf, target)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -76,17 +80,30 @@ def gguf_to_hf_folder(path: str | Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    except BaseException:  # safetensors raises its own error on a full disk, not OSError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():  # another process may have won the race
             raise
     return target
+
+
+def _check_room(folder: Path, gguf: Path, need: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < need + (64 << 20):
+        raise OSError(
+            errno.ENOSPC,
+            f"converting {gguf.name} to fp32 needs up to {need / 2**30:.2f} GiB but {folder} has "
+            f"{free / 2**30:.2f} GiB free; free some space or point MINIGPT4_CACHE at another disk",
+        )
 
 
 def load_llm_tokenizer(path: str | None, pad_token: str = "$$"):

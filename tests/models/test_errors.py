@@ -97,3 +97,14 @@ def test_prompt_file_errors(tmp_path):
     empty.write_text("no slot here\n")
     with pytest.raises(ConfigError, match=r"model\.prompt_path: .* has no line containing <ImageHere>"):
         MiniGPT4.from_config(tiny_model_section(prompt_path=str(empty)))
+
+
+def test_gguf_conversion_on_a_full_disk_says_how_much_room_it_needs(tmp_path, tmp_cache, monkeypatch):
+    import shutil
+
+    gguf = tmp_path / "Tiny.Q4_1.gguf"
+    gguf.write_bytes(b"\0" * (1 << 20))  # the room is checked before the file is parsed
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 1 << 40, 1 << 20))
+    with pytest.raises(OSError, match=r"converting Tiny\.Q4_1\.gguf to fp32 needs up to 0\.01 GiB but .* has 0\.00 GiB free; .*MINIGPT4_CACHE"):
+        MiniGPT4.from_config(tiny_model_section(llama_model=str(gguf)))
+    assert not any((tmp_cache / "llm").iterdir())  # nothing half-written left behind
