@@ -9,6 +9,7 @@
 #   DEVICE=cuda bash scripts/train_nano.sh     # one GPU: minutes (bf16 autocast, 8 loader workers)
 #   OUT=/tmp/nano bash scripts/train_nano.sh   # somewhere other than ./output
 #   EXTRA_OPTS="model.llama_model=/path/SmolLM2-135M-Instruct.Q4_1.gguf" ...  # more --options for every step
+#   EVAL_N=50 bash scripts/train_nano.sh       # score fewer held-out scenes (default 200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,5 +46,5 @@ train() {  # config, output dir, extra options...
 
 "$PYTHON" -m minigpt4.models.export --cfg-path train_configs/minigpt4_nano_stage2.yaml \
     --out "$OUT/minigpt4_nano.pth" --options "model.ckpt=[$S0,$S2E]" "${extra[@]}"
-"$PYTHON" -m minigpt4.tasks.eval_shapes -n 200 --options "model.ckpt=$(realpath "$OUT/minigpt4_nano.pth")" "${extra[@]}" | tee "$OUT/eval200.json"
+"$PYTHON" -m minigpt4.tasks.eval_shapes -n "${EVAL_N:-200}" --options "model.ckpt=$(realpath "$OUT/minigpt4_nano.pth")" "${extra[@]}" | tee "$OUT/eval.json"
 echo "weights: $OUT/minigpt4_nano.pth (copy to minigpt4/weights/ to ship them)"

@@ -1,6 +1,7 @@
 """The nano MiniGPT-4 shipped in the package: loads offline, answers about scenes, default of the demo."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -74,3 +75,35 @@ def test_demo_without_arguments_serves_the_nano_model(smollm2_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_train_nano_script_runs_every_stage_from_nothing_then_resumes(tmp_path, smollm2_dir):
+    """``scripts/train_nano.sh`` at 2 iterations an epoch: stages 0, 1, 2, 2d, 2e, the export and the
+    score; a second run finds every stage finished and trains nothing."""
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path),
+        EVAL_N="2",
+        PYTHON=sys.executable,
+        EXTRA_OPTS="run.iters_per_epoch=2 run.warmup_steps=1 run.num_workers=0 datasets.synthetic_shapes.batch_size=4",
+    )
+
+    def train_nano() -> subprocess.CompletedProcess:
+        done = subprocess.run(["bash", "scripts/train_nano.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return done
+
+    first = train_nano()
+    assert first.stderr.count("INFO train: config:") == 5
+    for stage, epochs in {"stage0": 8, "stage1": 4, "stage2": 6, "stage2d": 1, "stage2e": 1}.items():
+        log = (tmp_path / f"minigpt4_nano_{stage}" / "run" / "log.txt").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in log] == list(range(epochs)), stage
+    exported = torch.load(tmp_path / "minigpt4_nano.pth", weights_only=True)["model"]
+    shipped = torch.load(WEIGHTS, weights_only=True)["model"]
+    assert {n: t.shape for n, t in exported.items()} == {n: t.shape for n, t in shipped.items()}
+    assert json.loads((tmp_path / "eval.json").read_text())["scenes"] == 2
+
+    checkpoints = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("checkpoint_*.pth")}
+    second = train_nano()
+    assert "INFO train: config:" not in second.stderr
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("checkpoint_*.pth")} == checkpoints
