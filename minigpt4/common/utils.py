@@ -78,12 +78,16 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 
     A reader, another process writing the same path, or a run killed mid-write sees the old file
     or the new one, never half of one. The temporary name holds the process id, so concurrent
-    writers (DDP ranks) never share it.
+    writers (DDP ranks) never share it. A write that fails (a full disk) removes its temporary file.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
