@@ -501,7 +501,6 @@ def _load_part(module: nn.Module, state: Mapping[str, torch.Tensor], key: str) -
         logger.warning("%s: ignored %d unexpected keys: %s", key, len(result.unexpected_keys), ", ".join(result.unexpected_keys[:5]))
 
 
-
 def lavis_names_to_ours(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A MiniGPT-4 checkpoint written by the original code -> our names (only ``Qformer.*`` differ)."""
     out = {}

@@ -113,12 +113,12 @@ class RunnerBase:
         # bf16 has fp32's exponent range: no loss scaling needed
         self.use_scaler = self.use_amp and self.amp_dtype == torch.float16
 
-        self._model = model
-        self._wrapped_model: nn.Module | None = None
         self.feature_cache_dir = Path(run.feature_cache) if run.feature_cache else None
         self.train_loader = self._build_train_loader()
         self.iters_per_epoch = self._iters_per_epoch()
-        self.model  # placed (and DDP-wrapped) before the optimizer sees the parameters: fused AdamW needs them on the GPU
+        # placed (and DDP-wrapped) before the optimizer sees the parameters: fused AdamW needs them on the GPU
+        self._model = model
+        self.model = self._place(model)
         self.optimizer = build_optimizer(self.unwrap_model(), run.init_lr, run.weight_decay, run.get("beta2", 0.999))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
         self.lr_scheduler = self._build_lr_scheduler()
@@ -131,27 +131,24 @@ class RunnerBase:
     def unwrap_model(self) -> nn.Module:
         return self._model
 
-    @property
-    def model(self) -> nn.Module:
-        """The model on its device, wrapped in DDP under torchrun."""
-        if self._wrapped_model is None:
-            if not getattr(self._model, "low_resource", False):  # an 8-bit LLM is already placed
-                self._model = self._model.to(self.device)
-            model = self._model
-            if self.run_cfg.compile:
-                self._require(model, "compile_blocks", "run.compile")
-                model.compile_blocks()
-            if self.feature_cache_dir is not None:
-                model.feature_cache = self._build_feature_cache(model)
-            if self.dist.distributed:
-                # frozen weights are loaded from the same files on every rank: skip DDP's
-                # broadcast of them (tens of GB for the LLM) and sync only what is trained
-                frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-                frozen += [n for n, _ in model.named_buffers()]
-                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-                model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            self._wrapped_model = model
-        return self._wrapped_model
+    def _place(self, model: nn.Module) -> nn.Module:
+        """The model on its device, compiled and given its feature cache as configured, and
+        wrapped in DDP under torchrun (``unwrap_model`` keeps the bare one)."""
+        if not getattr(model, "low_resource", False):  # an 8-bit LLM is already placed
+            model.to(self.device)
+        if self.run_cfg.compile:
+            self._require(model, "compile_blocks", "run.compile")
+            model.compile_blocks()
+        if self.feature_cache_dir is not None:
+            model.feature_cache = self._build_feature_cache(model)
+        if not self.dist.distributed:
+            return model
+        # frozen weights are loaded from the same files on every rank: skip DDP's broadcast of
+        # them (tens of GB for the LLM) and sync only what is trained
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        frozen += [n for n, _ in model.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _build_train_loader(self) -> MultiIterLoader:
         loaders, ratios = [], []
