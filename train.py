@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -102,19 +101,7 @@ def main(argv: list[str] | argparse.Namespace | None = None):
         dist_utils.destroy_process_group()
 
 
-def cli() -> int:
-    args = parse_args()
-    from minigpt4.common.config import ConfigError
-    from minigpt4.common.utils import CheckpointError
-
-    try:
-        main(args)
-    except (ConfigError, CheckpointError) as err:
-        logging.getLogger("train").error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    from minigpt4.common.cli import run_main
+
+    run_main(lambda: main(parse_args()))

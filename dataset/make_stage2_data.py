@@ -15,4 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from minigpt4.datasets.stage2_data import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    from minigpt4.common.cli import run_main
+
+    run_main(main)

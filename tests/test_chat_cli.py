@@ -38,6 +38,17 @@ def test_chat_over_a_pipe(tiny_cfg):
     assert "Traceback" not in run.stderr
 
 
+def test_a_bad_config_ends_with_its_message_not_a_traceback(write_yaml, tmp_path):
+    cfg = write_yaml({"model": tiny_model_section("vicuna0", llama_model=str(tmp_path / "no-vicuna"))}, "bad_llm.yaml")
+    run = subprocess.run(
+        cli("--cfg-path", str(cfg), "--image", str(REF / "img0.png")),
+        input="", capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120,
+    )
+    assert run.returncode == 2
+    assert f"error: model.llama_model: no such folder '{tmp_path / 'no-vicuna'}'" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_chat_names_a_bad_image(tiny_models, tmp_path):
     from minigpt4.chat import chat_loop
     from minigpt4.conversation import CONV_VISION_Vicuna0, Chat

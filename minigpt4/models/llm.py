@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import re
@@ -67,6 +68,8 @@ def gguf_to_hf_folder(path: str | Path) -> Path:
     target = Path(registry.get_path("cache_root")) / "llm" / gguf.stem
     if (target / "config.json").is_file():
         return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"{KEY}: reading '{gguf.name}' needs the gguf package; run: pip install 'gguf>=0.10'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # fp32 takes at most 8x a >= 4-bit GGUF (0.54 GB for SmolLM2's 94 MB): fail before the work.

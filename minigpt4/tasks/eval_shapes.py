@@ -81,4 +81,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from minigpt4.common.cli import run_main
+
+    run_main(main)

@@ -108,3 +108,14 @@ def test_gguf_conversion_on_a_full_disk_says_how_much_room_it_needs(tmp_path, tm
     with pytest.raises(OSError, match=r"converting Tiny\.Q4_1\.gguf to fp32 needs up to 0\.01 GiB but .* has 0\.00 GiB free; .*MINIGPT4_CACHE"):
         MiniGPT4.from_config(tiny_model_section(llama_model=str(gguf)))
     assert not any((tmp_cache / "llm").iterdir())  # nothing half-written left behind
+
+
+def test_gguf_without_the_gguf_package_says_what_to_install(tmp_path, tmp_cache, monkeypatch):
+    import importlib.util
+
+    gguf = tmp_path / "Tiny.Q4_1.gguf"
+    gguf.write_bytes(b"\0" * 1024)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"model\.llama_model: reading 'Tiny\.Q4_1\.gguf' needs the gguf package; run: pip install 'gguf>=0.10'"):
+        MiniGPT4.from_config(tiny_model_section(llama_model=str(gguf)))
