@@ -15,11 +15,19 @@ import tarfile
 from typing import Any, Callable, Iterator, Sequence
 
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from minigpt4.datasets.data_utils import DatasetError, SampleError, seeded_call
 
 logger = logging.getLogger(__name__)
+
+
+def _tariterators(location: str):
+    """webdataset's tar readers, imported on first use: chat and the demo do without the ``train`` extra."""
+    try:
+        from webdataset import tariterators
+    except ImportError:
+        raise DatasetError(f"{location}: reading webdataset shards needs the webdataset package; run: pip install 'webdataset>=0.2.100'") from None
+    return tariterators
 
 
 class ImageTextShards:
@@ -36,10 +44,11 @@ class ImageTextShards:
         self.text_processor = text_processor
         self.location = location  # the config key, for messages
         self.shuffle_buffer = shuffle_buffer
+        _tariterators(location)  # fail at build time, not in a loader worker
 
     def _files(self, url: str) -> Iterator[dict[str, Any]]:
         with open(url, "rb") as stream:
-            for item in tar_file_iterator(stream):
+            for item in _tariterators(self.location).tar_file_iterator(stream):
                 item["__url__"] = url
                 yield item
 
@@ -50,7 +59,7 @@ class ImageTextShards:
             url = rng.choice(self.shards)
             count = 0
             try:
-                for sample in group_by_keys(self._files(url)):
+                for sample in _tariterators(self.location).group_by_keys(self._files(url)):
                     count += 1
                     yield sample
             except (tarfile.TarError, OSError, ValueError) as err:
