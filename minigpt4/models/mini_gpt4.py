@@ -401,10 +401,11 @@ class MiniGPT4(BaseModel):
         from minigpt4.models.llm import load_llm, load_llm_tokenizer
 
         get = cfg.get
-        visual_encoder, ln_vision, Qformer, query_tokens = build_vision_parts(cfg, load_weights)
         attn_implementation = config_choice(cfg, "attn_implementation", ATTN_IMPLEMENTATIONS, "sdpa")
+        # The tokenizer first: a wrong llama_model fails in a second, not after the ViT's download.
         llama_path = get("llama_model")
         llama_tokenizer = load_llm_tokenizer(llama_path, get("pad_token", "$$"))
+        visual_encoder, ln_vision, Qformer, query_tokens = build_vision_parts(cfg, load_weights)
         llama_model = load_llm(
             llama_path,
             torch_dtype=get("torch_dtype", "float16"),
@@ -458,6 +459,11 @@ def build_vision_parts(
     get = cfg.get
     attn_implementation = config_choice(cfg, "attn_implementation", ATTN_IMPLEMENTATIONS, "sdpa")
     vit_precision = config_choice(cfg, "vit_precision", list(VIT_PRECISIONS), "fp16")
+    # Files are fetched before the modules are built: a failed download costs no build time.
+    vit_ckpt = get("vit_ckpt", EVA_VIT_G_URL) if load_weights else None
+    vit_file = resolve_file(vit_ckpt, "model.vit_ckpt") if vit_ckpt else None
+    q_former_model = get("q_former_model", BLIP2_FLANT5XXL_URL) if load_weights and get("has_qformer", True) else None
+    q_former_file = resolve_file(q_former_model, "model.q_former_model") if q_former_model else None
     visual_encoder = build_eva_vit(
         get("vit_config"),
         img_size=get("image_size", 224),
@@ -465,8 +471,8 @@ def build_vision_parts(
         use_grad_checkpoint=get("use_grad_checkpoint", False),
         attn_implementation=attn_implementation,
     )
-    if load_weights and get("vit_ckpt", EVA_VIT_G_URL):
-        state = unwrap_state_dict(load_state_dict_file(resolve_file(get("vit_ckpt", EVA_VIT_G_URL), "model.vit_ckpt")))
+    if vit_file is not None:
+        state = unwrap_state_dict(load_state_dict_file(vit_file, "model.vit_ckpt"))
         _load_part(visual_encoder, eva_vit_key_map(state, visual_encoder), "model.vit_ckpt")
     if vit_precision != "fp32":
         convert_weights(visual_encoder, VIT_PRECISIONS[vit_precision])
@@ -477,11 +483,10 @@ def build_vision_parts(
     Qformer = build_qformer(visual_encoder.num_features, get("qformer_config"), attn_implementation)
     query_tokens = nn.Parameter(torch.zeros(1, get("num_query_token", 32), Qformer.config.hidden_size))
     query_tokens.data.normal_(mean=0.0, std=Qformer.config.initializer_range)
-    q_former_model = get("q_former_model", BLIP2_FLANT5XXL_URL)
-    if load_weights and q_former_model:
+    if q_former_file is not None:
         # ln_vision is read from this file too, and only when there is a Q-Former:
         # the Llama-2 variant keeps a fresh ln_vision, exactly as the original.
-        state = unwrap_state_dict(load_state_dict_file(resolve_file(q_former_model, "model.q_former_model")))
+        state = unwrap_state_dict(load_state_dict_file(q_former_file, "model.q_former_model"))
         _load_part(Qformer, qformer_key_map(state), "model.q_former_model")
         ln_state = {k[len("ln_vision.") :]: v for k, v in state.items() if k.startswith("ln_vision.")}
         _load_part(ln_vision, ln_state, "model.q_former_model")

@@ -119,3 +119,16 @@ def test_gguf_without_the_gguf_package_says_what_to_install(tmp_path, tmp_cache,
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
     with pytest.raises(ConfigError, match=r"model\.llama_model: reading 'Tiny\.Q4_1\.gguf' needs the gguf package; run: pip install 'gguf>=0.10'"):
         MiniGPT4.from_config(tiny_model_section(llama_model=str(gguf)))
+
+
+def test_a_wrong_llm_folder_is_reported_before_any_download(tmp_path, tmp_cache):
+    section = tiny_model_section(vit_ckpt="http://127.0.0.1:9/eva_vit_g.pth", llama_model=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match=r"model\.llama_model: no such folder"):
+        MiniGPT4.from_config(section)
+
+
+def test_an_unreadable_vit_file_names_its_key(tmp_path):
+    broken = tmp_path / "eva_vit_g.pth"
+    broken.write_bytes((REF / "eva_vit_tiny.pth").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"model\.vit_ckpt: cannot read '.*eva_vit_g\.pth' as a checkpoint"):
+        MiniGPT4.from_config(tiny_model_section(vit_ckpt=str(broken)))
