@@ -71,6 +71,7 @@ def main(argv: list[str] | argparse.Namespace | None = None):
     from minigpt4.common.config import Config
     from minigpt4.common.logger import setup_logger
     from minigpt4.common.registry import registry
+    from minigpt4.runners.runner_base import TrainingStopped
     from minigpt4.tasks import setup_task
 
     cfg = Config(args)
@@ -95,7 +96,11 @@ def main(argv: list[str] | argparse.Namespace | None = None):
         runner = registry.get_runner_class(run_cfg.runner)(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id, dist=dist)
         if dist.rank == 0:
             logger.info("config:\n%s", cfg.pretty_print())
-        runner.train()
+        try:
+            runner.train()
+        except TrainingStopped as stop:
+            logger.warning("%s", stop)
+            raise SystemExit(128 + stop.signum) from None  # the shell's code for "ended by this signal"
         return runner
     finally:
         dist_utils.destroy_process_group()

@@ -130,3 +130,60 @@ def test_missing_shard_folder_fails_with_the_key(write_yaml, tmp_path):
     assert proc.returncode == 2
     assert "datasets.laion.build_info.storage: no such folder" in proc.stderr and "no_such_dir" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def wait_for_steps(proc: subprocess.Popen, log: Path, steps: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and log.read_text().count('"global_step"') >= steps:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run ended or stalled before {steps} steps (exit code {proc.poll()})")
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_auto_continues_exactly(shards, write_yaml, tmp_path):
+    run = dict(batch_size=4, iters_per_epoch=12, max_epoch=3, num_workers=2)  # no periodic checkpoints
+    reference = tmp_path / "reference"
+    train(write_yaml(stage1_config(shards, reference, **run)))
+
+    stopped = tmp_path / "stopped"
+    cfg = write_yaml(stage1_config(shards, stopped, **run))
+    proc = subprocess.Popen([sys.executable, "train.py", "--cfg-path", str(cfg)], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job = stopped / "job"
+    wait_for_steps(proc, job / "log.txt", 3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-4000:]
+    assert "stopped by SIGTERM after iteration" in stderr and "--resume auto" in stderr
+    assert "Traceback" not in stderr  # the loader workers outlived the last step
+    last = [line for line in log_lines(job) if "global_step" in line][-1]
+    done = last["iter"] + 1
+    name = f"checkpoint_{last['epoch']}.pth" if done == 12 else f"checkpoint_{last['epoch']}_iter{done}.pth"
+    assert [p.name for p in job.glob("checkpoint_*.pth")] == [name]  # written at the step it stopped after
+
+    train(cfg, "--resume", "auto")
+    want = torch.load(reference / "job" / "checkpoint_2.pth", weights_only=True)
+    got = torch.load(job / "checkpoint_2.pth", weights_only=True)
+    for name in want["model"]:
+        assert torch.equal(got["model"][name], want["model"][name]), name
+    assert got["data_state"] == want["data_state"]
+
+
+def test_torchrun_sigterm_stops_every_rank_at_the_same_step_and_resumes(write_yaml, tmp_path):
+    align = write_align_folder(tmp_path / "align", n=10)
+    cfg = write_yaml(stage2_config(align, tmp_path / "ddp", batch_size=2, iters_per_epoch=10, max_epoch=2, num_workers=1))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py", "--cfg-path", str(cfg)]
+    proc = subprocess.Popen(torchrun, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job = tmp_path / "ddp" / "job"
+    wait_for_steps(proc, job / "log.txt", 2)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by SIGTERM after iteration" in stderr, stderr[-4000:]
+    (ckpt,) = job.glob("checkpoint_*.pth")
+    state = torch.load(ckpt, weights_only=True)
+    assert state["world_size"] == 2 and len(state["data_state"]) == 2
+
+    resumed = subprocess.run([*torchrun, "--resume", "auto"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert (job / "checkpoint_1.pth").exists()

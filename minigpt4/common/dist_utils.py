@@ -9,11 +9,17 @@ import datetime
 import functools
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+# What asks a training run to stop cleanly: SIGTERM (Slurm, Kubernetes and torchrun on preemption)
+# and SIGUSR1 (Slurm's --signal=USR1@<seconds> warning). The runner stops at its next optimizer
+# step with a checkpoint; loader workers ignore them and are shut down by their process.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +117,14 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / get_world_size()
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    if not is_dist_avail_and_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def destroy_process_group() -> None:

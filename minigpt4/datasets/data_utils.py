@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import signal
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from minigpt4.common.config import ConfigError
+from minigpt4.common.dist_utils import STOP_SIGNALS
 from minigpt4.common.feature_cache import image_key
 
 logger = logging.getLogger(__name__)
@@ -176,6 +178,13 @@ def shuffled(items: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator
     yield from buf
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # A scheduler signals every process of the job: the workers must outlive the main process's
+    # last step and checkpoint, then go down with it.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class ResumableLoader:
     """A ``DataLoader`` over a :class:`BatchStream` that knows how far it has been consumed.
 
@@ -202,6 +211,7 @@ class ResumableLoader:
             # or a resumed run's RNG stream would differ from an uninterrupted one's
             generator=torch.Generator().manual_seed(self.stream.seed),
             persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals,
         )
 
     def __iter__(self) -> "ResumableLoader":

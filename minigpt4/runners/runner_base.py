@@ -10,6 +10,11 @@ position, and, to make a resumed run equal an uninterrupted one, every rank's RN
 position. They are written atomically (temp file + rename), after every epoch
 (``checkpoint_<epoch>.pth``) and every ``run.save_every_iters`` iterations
 (``checkpoint_<epoch>_iter<n>.pth``, only the newest is kept).
+
+SIGTERM (what Slurm, Kubernetes and torchrun send on preemption) or SIGUSR1 (Slurm's
+``--signal=USR1@<seconds>`` warning) stops a run cleanly: every rank finishes its optimizer step,
+a checkpoint is written and :class:`TrainingStopped` is raised, so nothing since the last
+checkpoint is lost and ``--resume auto`` continues exactly.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import json
 import logging
 import random
 import re
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,6 +49,18 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "minigpt4-training-checkpoint"
 _CKPT_NAME = re.compile(r"^checkpoint_(\d+)(?:_iter(\d+))?\.pth$")
 AMP_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class TrainingStopped(Exception):
+    """A stop signal ended the run after its checkpoint was written."""
+
+    def __init__(self, signum: int, epoch: int, iters_done: int, output_dir: Path):
+        self.signum = signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} after iteration {iters_done} of epoch {epoch}; the checkpoint is in "
+            f"{output_dir}: run the same command with --resume auto to continue"
+        )
 
 
 def checkpoint_position(path: Path) -> tuple[int, int] | None:
@@ -126,6 +145,7 @@ class RunnerBase:
         self._rng_to_restore: Mapping[str, Any] | None = None
         self.history: list[dict[str, float]] = []  # per-iteration loss/lr of this process
         self._trackers: dict[str, Any] = {}
+        self._stop_signal = 0  # set by a stop signal while training
 
     # ---- parts ----------------------------------------------------------------------------------
     def unwrap_model(self) -> nn.Module:
@@ -226,12 +246,15 @@ class RunnerBase:
         start = time.time()
         epoch_stats = []
         try:
-            for epoch in range(self.start_epoch, self.max_epoch):
-                stats = self.train_epoch(epoch, self.start_iter if epoch == self.start_epoch else 0)
-                self.save_checkpoint(epoch, self.iters_per_epoch)
-                self.log_stats({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}})
-                epoch_stats.append(stats)
-                dist_utils.barrier()
+            with self._stop_signals():
+                for epoch in range(self.start_epoch, self.max_epoch):
+                    stats = self.train_epoch(epoch, self.start_iter if epoch == self.start_epoch else 0)
+                    self.save_checkpoint(epoch, self.iters_per_epoch)
+                    self.log_stats({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}})
+                    epoch_stats.append(stats)
+                    dist_utils.barrier()
+                    if epoch + 1 < self.max_epoch and (signum := self._stop_requested()):
+                        raise TrainingStopped(signum, epoch, self.iters_per_epoch, self.output_dir)
         finally:
             self.train_loader.close()
             self._close_trackers()
@@ -272,8 +295,13 @@ class RunnerBase:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 if global_step % max(int(self.run_cfg.log_freq), 1) == 0:
                     self.log_stats({"epoch": epoch, "iter": i, "global_step": global_step, "loss": loss_value, "lr": lr})
-            if self.save_every_iters and global_step % self.save_every_iters == 0 and done < self.iters_per_epoch:
+            # A stop is taken only where a checkpoint may be: after an optimizer step, inside the epoch.
+            stop = self._stop_requested() if last_micro_step and done < self.iters_per_epoch else None
+            if stop or (self.save_every_iters and global_step % self.save_every_iters == 0 and done < self.iters_per_epoch):
                 self.save_checkpoint(epoch, done)
+            if stop:
+                bar.close()
+                raise TrainingStopped(stop, epoch, done, self.output_dir)
         bar.close()
         stats = metrics.global_avg()
         stats["loss"] = dist_utils.all_reduce_mean(stats.get("loss", float("nan")), self.device)
@@ -283,6 +311,29 @@ class RunnerBase:
             logger.info("run.feature_cache: %d images read from the cache, %d computed so far", cache.hits, cache.misses)
             stats["feature_cache_hits"], stats["feature_cache_misses"] = cache.hits, cache.misses
         return stats
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """While training, ``dist_utils.STOP_SIGNALS`` only mark the run to stop at the next optimizer step."""
+        self._stop_signal = 0
+
+        def request(signum: int, frame: Any) -> None:
+            if not self._stop_signal:
+                logger.warning("%s: stopping after this step, with a checkpoint", signal.Signals(signum).name)
+            self._stop_signal = signum
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals only there
+            previous = {signum: signal.signal(signum, request) for signum in dist_utils.STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _stop_requested(self) -> int:
+        """The stop signal any rank has received (0: none); every rank sees the same answer."""
+        return dist_utils.all_reduce_max(self._stop_signal, self.device)
 
     # ---- logging --------------------------------------------------------------------------------
     def _setup_trackers(self) -> None:
