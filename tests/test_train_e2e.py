@@ -149,10 +149,10 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_auto_continue
     stopped = tmp_path / "stopped"
     cfg = write_yaml(stage1_config(shards, stopped, **run))
     proc = subprocess.Popen([sys.executable, "train.py", "--cfg-path", str(cfg)], cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     job = stopped / "job"
     wait_for_steps(proc, job / "log.txt", 3)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # as Slurm on preemption: the loader workers receive it too
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-4000:]
     assert "stopped by SIGTERM after iteration" in stderr and "--resume auto" in stderr
@@ -174,10 +174,11 @@ def test_torchrun_sigterm_stops_every_rank_at_the_same_step_and_resumes(write_ya
     align = write_align_folder(tmp_path / "align", n=10)
     cfg = write_yaml(stage2_config(align, tmp_path / "ddp", batch_size=2, iters_per_epoch=10, max_epoch=2, num_workers=1))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py", "--cfg-path", str(cfg)]
-    proc = subprocess.Popen(torchrun, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(torchrun, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     job = tmp_path / "ddp" / "job"
     wait_for_steps(proc, job / "log.txt", 2)
-    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    os.killpg(proc.pid, signal.SIGTERM)  # as Slurm on preemption; the agent passes it on to the ranks
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "stopped by SIGTERM after iteration" in stderr, stderr[-4000:]
     (ckpt,) = job.glob("checkpoint_*.pth")

@@ -16,10 +16,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-# What asks a training run to stop cleanly: SIGTERM (Slurm, Kubernetes and torchrun on preemption)
-# and SIGUSR1 (Slurm's --signal=USR1@<seconds> warning). The runner stops at its next optimizer
-# step with a checkpoint; loader workers ignore them and are shut down by their process.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# What asks a training run to stop cleanly: SIGTERM, which Slurm and Kubernetes send on preemption
+# (and torchrun passes on to its processes). Not SIGUSR1: it ends a torchrun agent at once. The
+# runner stops at its next optimizer step with a checkpoint; loader workers ignore the signal and
+# are shut down by their process.
+STOP_SIGNALS = (signal.SIGTERM,)
 
 logger = logging.getLogger(__name__)
 

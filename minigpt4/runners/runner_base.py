@@ -11,8 +11,8 @@ position. They are written atomically (temp file + rename), after every epoch
 (``checkpoint_<epoch>.pth``) and every ``run.save_every_iters`` iterations
 (``checkpoint_<epoch>_iter<n>.pth``, only the newest is kept).
 
-SIGTERM (what Slurm, Kubernetes and torchrun send on preemption) or SIGUSR1 (Slurm's
-``--signal=USR1@<seconds>`` warning) stops a run cleanly: every rank finishes its optimizer step,
+SIGTERM (what Slurm and Kubernetes send on preemption, and torchrun passes on) stops a run
+cleanly (``dist_utils.STOP_SIGNALS``): every rank finishes its optimizer step,
 a checkpoint is written and :class:`TrainingStopped` is raised, so nothing since the last
 checkpoint is lost and ``--resume auto`` continues exactly.
 """
