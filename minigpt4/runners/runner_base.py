@@ -295,9 +295,10 @@ class RunnerBase:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 if global_step % max(int(self.run_cfg.log_freq), 1) == 0:
                     self.log_stats({"epoch": epoch, "iter": i, "global_step": global_step, "loss": loss_value, "lr": lr})
-            # A stop is taken only where a checkpoint may be: after an optimizer step, inside the epoch.
-            stop = self._stop_requested() if last_micro_step and done < self.iters_per_epoch else None
-            if stop or (self.save_every_iters and global_step % self.save_every_iters == 0 and done < self.iters_per_epoch):
+            # Inside the epoch (its end has its own checkpoint); a stop only after an optimizer step.
+            mid_epoch = done < self.iters_per_epoch
+            stop = self._stop_requested() if last_micro_step and mid_epoch else 0
+            if stop or (mid_epoch and self.save_every_iters and global_step % self.save_every_iters == 0):
                 self.save_checkpoint(epoch, done)
             if stop:
                 bar.close()
