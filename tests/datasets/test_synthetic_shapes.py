@@ -90,3 +90,66 @@ def test_prompt_kinds_restrict_the_questions():
     assert "instruction_input" not in item and item["answer"].endswith(".")
     with pytest.raises(ValueError, match="prompt_kinds: unknown"):
         SyntheticShapesDataset(lambda im: im, prompt_kinds=["poems"])
+
+
+CHATML_TURN = "{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n<|im_start|>user\n"
+
+
+@pytest.mark.parametrize("index", range(40))
+def test_conversation_answers_are_true_and_follow_ups_refer_to_the_last_shape(index):
+    from minigpt4.datasets.datasets.synthetic_shapes import conversation
+
+    rng = random.Random(index)
+    scene = make_scene(rng)
+    turns = conversation(scene, rng, 4)
+    assert 1 <= len(turns) <= 4 and len({(t.question, t.answer) for t in turns}) == len(turns)
+    names = Counter(s.name for s in scene)
+    for previous, turn in zip([None] + turns, turns):
+        if turn.kind == "count":
+            assert str(len(scene)) in turn.answer or ["one", "two", "three"][len(scene) - 1] in turn.answer
+        if turn.kind == "exists":
+            asked = turn.question[len("Is there a"):].strip(" n?")
+            assert turn.answer.startswith("yes" if names[asked] else "no")
+        if turn.refers_back:
+            assert turn.question in ("What colour is it?", "Where is it?")
+            assert previous is not None and previous.focus is turn.focus is not None
+            assert turn.focus.name in turn.answer or turn.focus.colour in turn.answer
+        if turn.kind in ("colour", "where") and turn.focus is not None:
+            assert turn.focus in scene and (turn.focus.colour in turn.answer)
+
+
+def test_a_training_conversation_renders_as_chat_renders_it():
+    """The prompt a stage-2 conversation trains on is the prompt Chat builds for the same turns."""
+    from minigpt4.common.config import Config
+    from minigpt4.conversation import CONV_VISION_SmolLM2
+
+    prompt_template = Config(cfg_path="eval_configs/minigpt4_nano_eval.yaml").model_cfg.prompt_template
+    dataset = SyntheticShapesDataset(
+        lambda image: image, seed=3, prompt_kinds=["describe", "count", "colour", "where", "exists"],
+        turns=(3, 4), history_template=CHATML_TURN,
+    )
+    for index in range(10):
+        item = dataset.load(index, seed=0)
+        rendered = prompt_template.format(item["instruction_input"])
+        *history, last = rendered.split("<|im_start|>assistant\n")
+        conv = CONV_VISION_SmolLM2.copy()
+        conv.append_message(conv.roles[0], "<Img><ImageHere></Img>")
+        questions_and_answers = item["instruction_input"][len("<Img><ImageHere></Img> "):].split("<|im_start|>user\n")
+        for i, chunk in enumerate(questions_and_answers):
+            question, _, answer = chunk.partition("<|im_end|>\n<|im_start|>assistant\n")
+            if i == 0:
+                conv.messages[-1][1] += " " + question
+            else:
+                conv.append_message(conv.roles[0], question)
+            if answer:
+                conv.append_message(conv.roles[1], answer.removesuffix("<|im_end|>\n"))
+        conv.append_message(conv.roles[1], None)
+        assert conv.get_prompt() == rendered
+        assert len(questions_and_answers) >= 3
+
+
+def test_conversations_need_a_history_template():
+    with pytest.raises(ValueError, match=r"datasets\.synthetic_shapes\.history_template: conversations of more than one turn"):
+        SyntheticShapesDataset(lambda image: image, turns=(1, 3))
+    with pytest.raises(ValueError, match=r"datasets\.synthetic_shapes\.turns: expected \[min, max\]"):
+        SyntheticShapesDataset(lambda image: image, turns=(3, 1), history_template=CHATML_TURN)

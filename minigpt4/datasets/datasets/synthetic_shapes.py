@@ -12,8 +12,13 @@ comes with answers in plain English for four kinds of prompt:
 - ``where``: "where is the red circle?" -> "the red circle is on the left." (left / in the
   middle / on the right, by thirds of the image)
 
-Another seed gives held-out scenes. :func:`parse_objects` reads the (colour, shape) pairs back
-out of a generated description, which is how exact-scene accuracy is scored.
+- ``exists``: "is there a green triangle?" -> "no, there is no green triangle." (or "yes, there
+  is a green triangle."; half the questions name a pair that is not there)
+
+:func:`conversation` chains 1–4 such turns about one scene, and a follow-up may refer back to
+the shape the previous turn was about ("where is it?"). Another seed gives held-out scenes.
+:func:`parse_objects` reads the (colour, shape) pairs back out of a generated description, which
+is how exact-scene accuracy is scored.
 """
 from __future__ import annotations
 
@@ -38,13 +43,16 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]  # the 18 classes of the stage-0 vision task
 NUMBERS = {1: "one", 2: "two", 3: "three"}
-PROMPT_KINDS = ("describe", "count", "colour", "where")
+PROMPT_KINDS = ("describe", "count", "colour", "where", "exists")
 QUESTIONS = {
     "describe": "Describe this image.",
     "count": "How many shapes are there?",
     "colour": "What colour is the {shape}?",
     "where": "Where is the {colour} {shape}?",
+    "exists": "Is there {a_name}?",
 }
+# Follow-ups about the shape the previous turn was about.
+REFERRING = {"colour": "What colour is it?", "where": "Where is it?"}
 _OBJECT = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")s?\b")
 
 
@@ -132,6 +140,86 @@ def questions(scene: Sequence[Shape]) -> dict[str, tuple[str, str]]:
     return out
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One question about a scene and its answer; ``focus`` is the shape it is about, if one."""
+
+    kind: str
+    question: str
+    answer: str
+    focus: Shape | None = None
+    refers_back: bool = False
+
+
+def _unique(scene: Sequence[Shape], key: Callable[[Shape], Any]) -> list[Shape]:
+    counts = Counter(key(s) for s in scene)
+    return [s for s in scene if counts[key(s)] == 1]
+
+
+def ask(scene: Sequence[Shape], kind: str, rng: random.Random, focus: Shape | None = None) -> Turn | None:
+    """A question of ``kind`` with a well-defined answer for ``scene``, or None where there is none.
+
+    With ``focus`` (a shape the conversation just talked about) ``colour`` and ``where`` refer to it
+    as "it".
+    """
+    n = len(scene)
+    if kind == "describe":
+        return Turn(kind, QUESTIONS["describe"], describe(scene))
+    if kind == "count":
+        return Turn(kind, QUESTIONS["count"], f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n > 1 else ''}.")
+    if kind in REFERRING and focus is not None:
+        answer = f"the {focus.shape} is {focus.colour}." if kind == "colour" else f"the {focus.name} is {focus.place}."
+        return Turn(kind, REFERRING[kind], answer, focus, refers_back=True)
+    if kind == "colour":
+        # a shape kind that occurs once, so "the circle" names one shape
+        options = _unique(scene, lambda s: s.shape)
+        if not options:
+            return None
+        s = rng.choice(options)
+        return Turn(kind, QUESTIONS["colour"].format(shape=s.shape), f"the {s.shape} is {s.colour}.", s)
+    if kind == "where":
+        options = _unique(scene, lambda s: s.name)
+        if not options:
+            return None
+        s = rng.choice(options)
+        return Turn(kind, QUESTIONS["where"].format(colour=s.colour, shape=s.shape), f"the {s.name} is {s.place}.", s)
+    if kind == "exists":
+        present = {(s.colour, s.shape) for s in scene}
+        if rng.random() < 0.5:
+            s = rng.choice(scene)
+            name = s.name
+            focus = s if [o.name for o in scene].count(name) == 1 else None
+            return Turn(kind, QUESTIONS["exists"].format(a_name=_a(name)), f"yes, there is {_a(name)}.", focus)
+        # mostly near misses: the colour of a shape that is there, or a shape in a colour that is there
+        s = rng.choice(scene)
+        near = [(c, s.shape) for c in COLOURS] + [(s.colour, k) for k in SHAPES]
+        absent = [p for p in near if p not in present] or [p for p in PAIRS if p not in present]
+        name = " ".join(rng.choice(absent))
+        return Turn(kind, QUESTIONS["exists"].format(a_name=_a(name)), f"no, there is no {name}.")
+    raise ValueError(f"unknown question kind '{kind}'; choose from {', '.join(PROMPT_KINDS)}")
+
+
+def conversation(
+    scene: Sequence[Shape], rng: random.Random, turns: int, kinds: Sequence[str] = PROMPT_KINDS, first: str | None = None
+) -> list[Turn]:
+    """``turns`` questions about one scene, as a user would chat: no question twice, and after a
+    turn about one shape a follow-up may ask about "it" (``refers_back``). ``first`` fixes the
+    kind of the first turn."""
+    asked: list[Turn] = []
+    for _ in range(20 * turns):
+        if len(asked) == turns:
+            break
+        kind = first if first is not None and not asked else rng.choice(list(kinds))
+        if kind == "describe" and any(t.kind == "describe" for t in asked):
+            continue
+        focus = asked[-1].focus if asked and rng.random() < 0.5 else None
+        turn = ask(scene, kind, rng, focus)
+        if turn is None or any(t.question == turn.question and t.answer == turn.answer for t in asked):
+            continue
+        asked.append(turn)
+    return asked
+
+
 def parse_objects(text: str) -> Counter:
     """The multiset of (colour, shape) pairs a description names."""
     return Counter(_OBJECT.findall(text.lower()))
@@ -176,10 +264,20 @@ class SyntheticShapesDataset:
         prompt_kinds: Sequence[str] = PROMPT_KINDS,
         instruction_template: str | None = "<Img><ImageHere></Img> {}",
         location: str = "datasets.synthetic_shapes",
+        turns: Sequence[int] = (1, 1),
+        history_template: str | None = None,
+        first_describe: float = 0.5,
     ):
         unknown = set(prompt_kinds) - set(PROMPT_KINDS)
         if unknown or not prompt_kinds:
             raise ValueError(f"{location}.prompt_kinds: unknown {sorted(unknown)}; choose from {', '.join(PROMPT_KINDS)}")
+        if len(turns) != 2 or not 1 <= turns[0] <= turns[1]:
+            raise ValueError(f"{location}.turns: expected [min, max] with 1 <= min <= max, got {list(turns)}")
+        if turns[1] > 1 and (not history_template or "{question}" not in history_template or "{answer}" not in history_template):
+            raise ValueError(
+                f"{location}.history_template: conversations of more than one turn need the template of a "
+                "finished turn, with {question} and {answer} (e.g. the model's chat template)"
+            )
         self.vis_processor = vis_processor
         self.num_samples = num_samples
         self.image_size = image_size
@@ -188,6 +286,9 @@ class SyntheticShapesDataset:
         self.prompt_kinds = list(prompt_kinds)
         self.instruction_template = instruction_template
         self.location = location
+        self.turns = (int(turns[0]), int(turns[1]))
+        self.history_template = history_template
+        self.first_describe = first_describe
 
     def __len__(self) -> int:
         return self.num_samples
@@ -201,10 +302,13 @@ class SyntheticShapesDataset:
         import torch
 
         scene, image = self.scene(index)
-        qa = questions(scene)
-        available = [k for k in self.prompt_kinds if k in qa]
-        kind = random.Random(derive_seed(self.seed, "kind", index)).choice(available or ["describe"])
-        question, answer = qa[kind]
+        if self.turns[1] > 1:
+            question, answer = self.conversation_prompt(scene, index)
+        else:
+            qa = questions(scene)
+            available = [k for k in self.prompt_kinds if k in qa]
+            kind = random.Random(derive_seed(self.seed, "kind", index)).choice(available or ["describe"])
+            question, answer = qa[kind]
         item = {
             "image": seeded_call(seed, self.vis_processor, image),
             "answer": answer,
@@ -214,3 +318,18 @@ class SyntheticShapesDataset:
         if self.instruction_template:
             item["instruction_input"] = self.instruction_template.format(question)
         return item
+
+    def conversation_prompt(self, scene: Sequence[Shape], index: int) -> tuple[str, str]:
+        """A conversation of ``turns`` questions as (everything up to the last question, its answer).
+
+        Earlier turns are written out with ``history_template``, exactly as the chat template
+        renders them, so the model learns to answer a follow-up with the conversation before it
+        in view; the loss is on the last answer only (every other position is masked, as in
+        stage 2).
+        """
+        rng = random.Random(derive_seed(self.seed, "conversation", index))
+        count = rng.randint(*self.turns)
+        first = "describe" if rng.random() < self.first_describe else None
+        *history, last = conversation(scene, rng, count, self.prompt_kinds, first)
+        written = "".join(self.history_template.format(question=t.question, answer=t.answer) for t in history)
+        return written + last.question, last.answer
