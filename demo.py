@@ -13,16 +13,30 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
+from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from minigpt4.chat import DEFAULT_CFG, load_chat
+from minigpt4.common.cli import existing_file
 from minigpt4.conversation import IMAGE_MESSAGE, Chat, Conversation, ImageError, open_image
 
 logger = logging.getLogger("minigpt4.demo")
 
 TITLE = """<h1 align="center">Demo of MiniGPT-4</h1>"""
 DESCRIPTION = """<h3>Upload your image and start chatting!</h3>"""
+NANO_INTRO = (
+    "This is the **nano MiniGPT-4**: a small vision encoder and Q-Former trained on pictures of coloured shapes, "
+    "bridged into the frozen SmolLM2-135M-Instruct. It knows 1 to 3 circles, squares and triangles in six colours "
+    "(red, green, blue, yellow, purple, orange) on a white background: ask it to describe a scene, how many shapes "
+    "there are, what colour or where one is, or whether there is one. A photo gets an answer about shapes. "
+    "To chat about real pictures, load the released weights: "
+    "`python demo.py --cfg-path eval_configs/minigpt4_eval.yaml` (see the README, \"Chat with MiniGPT-4\")."
+)
+NUM_EXAMPLES = 6
+EXAMPLE_SEED = 2  # training draws seed 0, the evaluation seed 1
 PREVIEW_SIZE = 1024
 EMPTY_REPLY = "*(no answer)*"
 
@@ -78,6 +92,15 @@ class Handlers:
             img_list,
         )
 
+    @staticmethod
+    def pick_example(paths: list[str]):
+        """The gallery's click handler: put the clicked scene in the upload box."""
+
+        def pick(event: gr.SelectData) -> str:
+            return paths[event.index]
+
+        return pick
+
     def restart(self):
         return (
             [],
@@ -113,6 +136,7 @@ class Handlers:
         return gr.update(value="", interactive=False), chatbot, question
 
     def answer(self, pending: str, chatbot: list, conv: Conversation | None, img_list: list, num_beams: int, temperature: float):
+        """Stream the answer to ``pending``; temperature 0 decodes greedily."""
         if not pending or conv is None:
             yield chatbot, conv
             return
@@ -124,7 +148,10 @@ class Handlers:
         self.chat.ask(pending, draft)
         chatbot = list(chatbot) + [{"role": "assistant", "content": ""}]
         try:
-            for reply in self.chat.stream_answer(draft, img_list, num_beams=int(num_beams), temperature=float(temperature)):
+            decoding = dict(num_beams=int(num_beams), do_sample=float(temperature) > 0)
+            if decoding["do_sample"]:
+                decoding["temperature"] = float(temperature)
+            for reply in self.chat.stream_answer(draft, img_list, **decoding):
                 chatbot[-1] = {"role": "assistant", "content": reply}
                 yield chatbot, conv
         except Exception as err:
@@ -136,11 +163,35 @@ class Handlers:
         yield chatbot, draft
 
 
+def example_scenes(folder: Path, count: int = NUM_EXAMPLES) -> list[str]:
+    """Held-out scenes of the nano model's kind, drawn by the package (nothing is downloaded)."""
+    from minigpt4.datasets.datasets.synthetic_shapes import SyntheticShapesDataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    scenes = SyntheticShapesDataset(lambda image: image, num_samples=count, seed=EXAMPLE_SEED)
+    paths = []
+    for index in range(count):
+        path = folder / f"scene_{index}.png"
+        if not path.is_file():
+            _, image = scenes.scene(index)
+            # drawn at the model's 64 px; shown at 256 px, nearest-neighbour so the edges stay sharp
+            image.resize((256, 256), Image.NEAREST).save(path)
+        paths.append(str(path))
+    return paths
+
+
 def build_demo(chat: Chat, concurrency: int = 1) -> gr.Blocks:
-    """The page of the original demo; ``concurrency`` events may use the model at once."""
+    """The page of the original demo; ``concurrency`` events may use the model at once.
+
+    On the nano model the page says what it is and offers example scenes to click.
+    """
     handlers = Handlers(chat)
-    with gr.Blocks(title="MiniGPT-4") as demo:
+    nano = chat.model_type == "nano"
+    greedy = not chat.generation["do_sample"]
+    with gr.Blocks(title="MiniGPT-4 (nano)" if nano else "MiniGPT-4") as demo:
         gr.Markdown(TITLE)
+        if nano:
+            gr.Markdown(NANO_INTRO, elem_id="model-intro")
         gr.Markdown(DESCRIPTION)
         with gr.Row():
             with gr.Column(scale=1):
@@ -148,8 +199,13 @@ def build_demo(chat: Chat, concurrency: int = 1) -> gr.Blocks:
                 image_view = gr.Image(label="Image", type="pil", interactive=False, visible=False, elem_id="image-view")
                 upload_button = gr.Button("Upload & Start Chat", variant="primary")
                 clear = gr.Button("Restart")
-                num_beams = gr.Slider(minimum=1, maximum=10, value=1, step=1, interactive=True, label="beam search numbers")
-                temperature = gr.Slider(minimum=0.1, maximum=2.0, value=1.0, step=0.1, interactive=True, label="Temperature")
+                num_beams = gr.Slider(
+                    minimum=1, maximum=10, value=chat.generation["num_beams"], step=1, interactive=True, label="beam search numbers"
+                )
+                temperature = gr.Slider(
+                    minimum=0.0, maximum=2.0, value=0.0 if greedy else chat.generation["temperature"], step=0.1,
+                    interactive=True, label="Temperature (0: greedy)",
+                )
             with gr.Column(scale=2):
                 chat_state = gr.State(None)
                 img_list = gr.State([])
@@ -158,6 +214,14 @@ def build_demo(chat: Chat, concurrency: int = 1) -> gr.Blocks:
                 text_input = gr.Textbox(
                     label="User", placeholder="Please upload your image first", interactive=False, elem_id="question"
                 )
+        if nano:
+            # in the temp folder, where Gradio may serve files from
+            examples = example_scenes(Path(tempfile.gettempdir()) / "minigpt4-demo-examples")
+            gallery = gr.Gallery(
+                value=examples, label="Example scenes: click one, then press Upload & Start Chat", columns=NUM_EXAMPLES,
+                rows=1, height=200, object_fit="contain", allow_preview=False, interactive=False, elem_id="examples",
+            )
+            gallery.select(handlers.pick_example(examples), None, image_file)
 
         model_events = dict(concurrency_id="model", concurrency_limit=concurrency)
         upload_button.click(
@@ -182,6 +246,7 @@ def build_demo(chat: Chat, concurrency: int = 1) -> gr.Blocks:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    existing_file("--cfg-path", args.cfg_path)  # before the model loads
     logger.info("Initializing Chat")
     chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=not args.no_kv_cache)
     logger.info("Initialization Finished")

@@ -63,7 +63,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import common
 from minigpt4.conversation import CONV_VISION_Vicuna0, Chat
-from minigpt4.conversation.conversation import PrefixCache
+from minigpt4.conversation.kv_cache import PrefixCache
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
 logger = logging.getLogger("bench_chat")

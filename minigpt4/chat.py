@@ -70,12 +70,16 @@ def load_chat(cfg_path: str | Path, options: Sequence[str] | None = None, gpu_id
         )
     vis_processor = registry.get_processor_class(vis_cfg.name).from_config(vis_cfg)
     logger.info("model %s (%s) ready on %s", model_cfg.arch, model_cfg.model_type, device)
-    return Chat(model, vis_processor, device, conv_template_for(model_cfg.model_type), reuse_kv_cache=reuse_kv_cache)
+    return Chat(
+        model, vis_processor, device, conv_template_for(model_cfg.model_type), reuse_kv_cache=reuse_kv_cache,
+        generation=OmegaConf.to_container(cfg.generation_cfg), model_type=model_cfg.model_type,
+    )
 
 
 # ---- terminal chat ---------------------------------------------------------------------------
 def chat_loop(chat, images: Sequence[Path], questions: Iterable[str], out=sys.stdout, **generation: Any) -> None:
     """Answer each question (one per line) about ``images``; ``/reset`` starts over, ``/quit`` ends."""
+    from minigpt4.common.cli import ArgumentError
     from minigpt4.conversation import ImageError
 
     def start():
@@ -87,7 +91,7 @@ def chat_loop(chat, images: Sequence[Path], questions: Iterable[str], out=sys.st
     try:
         conv, img_list = start()
     except ImageError as err:
-        raise SystemExit(f"--image: {err}") from None
+        raise ArgumentError(f"--image: {err}") from None
     interactive = sys.stdin.isatty()
     if interactive:
         out.write(f"{len(images)} image(s) loaded. Ask away (/reset to start over, /quit or Ctrl-D to leave).\n")
@@ -116,8 +120,9 @@ def chat_loop(chat, images: Sequence[Path], questions: Iterable[str], out=sys.st
 
 # ---- batch captioning ------------------------------------------------------------------------
 def list_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise SystemExit(f"--caption-dir: no such folder '{folder}'")
+    from minigpt4.common.cli import existing_folder
+
+    existing_folder("--caption-dir", folder)
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -146,7 +151,9 @@ def caption_folder(chat, folder: Path, out_path: Path, prompt: str = DEFAULT_CAP
     from minigpt4.conversation import ImageError, open_image
 
     if batch_size < 1:
-        raise SystemExit(f"--batch-size: must be at least 1, got {batch_size}")
+        from minigpt4.common.cli import ArgumentError
+
+        raise ArgumentError(f"--batch-size: must be at least 1, got {batch_size}")
     done = done_images(out_path)
     todo = [p for p in list_images(folder) if p.name not in done]
     logger.info("%d images in %s, %d already captioned, %d to go", len(todo) + len(done), folder, len(done), len(todo))
@@ -173,23 +180,25 @@ def caption_folder(chat, folder: Path, out_path: Path, prompt: str = DEFAULT_CAP
 
 # ---- command line ----------------------------------------------------------------------------
 def generation_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generation (defaults as the original demo)")
-    group.add_argument("--num-beams", type=int, default=1)
-    group.add_argument("--temperature", type=float, default=1.0)
-    group.add_argument("--max-new-tokens", type=int, default=300)
-    group.add_argument("--max-length", type=int, default=2000, help="context + new tokens kept (older context is dropped)")
-    group.add_argument("--greedy", action="store_true", help="greedy decoding instead of top-p sampling")
+    group = parser.add_argument_group("generation (default: the config's generation section)")
+    group.add_argument("--num-beams", type=int)
+    group.add_argument("--temperature", type=float, help="sampling temperature (implies --sample)")
+    group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--max-length", type=int, help="context + new tokens kept (older context is dropped)")
+    choice = group.add_mutually_exclusive_group()
+    choice.add_argument("--greedy", action="store_true", help="greedy decoding")
+    choice.add_argument("--sample", action="store_true", help="top-p sampling, as the original demo")
 
 
 def generation_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``generate`` settings of :func:`generation_args`' flags."""
-    return dict(
-        num_beams=args.num_beams,
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens,
-        max_length=args.max_length,
-        do_sample=not args.greedy,
-    )
+    """The ``generate`` settings the flags set; what they leave out comes from the config."""
+    settings = dict(num_beams=args.num_beams, temperature=args.temperature, max_new_tokens=args.max_new_tokens, max_length=args.max_length)
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if args.greedy:
+        settings["do_sample"] = False
+    elif args.sample or args.temperature is not None:
+        settings["do_sample"] = True
+    return settings
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -211,9 +220,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every file and number the flags name, checked before the model loads (seconds, not minutes)."""
+    from minigpt4.common.cli import ArgumentError, existing_file, existing_folder
+    from minigpt4.conversation import ImageError, open_image
+
+    existing_file("--cfg-path", args.cfg_path)
+    for path in args.image or []:
+        try:
+            open_image(existing_file("--image", path), name=str(path))
+        except ImageError as err:
+            raise ArgumentError(f"--image: {err}") from None
+    if args.caption_dir is not None:
+        existing_folder("--caption-dir", args.caption_dir)
+        if args.out.is_dir():
+            raise ArgumentError(f"--out: '{args.out}' is a folder; give a file such as captions.jsonl")
+    for flag in ("batch_size", "num_beams", "max_new_tokens", "max_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ArgumentError(f"--{flag.replace('_', '-')}: must be at least 1, got {value}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    check_args(args)
     generation = generation_from_args(args)
     chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=not args.no_kv_cache)
     try:

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,13 +52,61 @@ def test_a_bad_config_ends_with_its_message_not_a_traceback(write_yaml, tmp_path
 
 def test_chat_names_a_bad_image(tiny_models, tmp_path):
     from minigpt4.chat import chat_loop
+    from minigpt4.common.cli import ArgumentError
     from minigpt4.conversation import CONV_VISION_Vicuna0, Chat
     from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
     chat = Chat(tiny_models["vicuna0"], Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0)
     (tmp_path / "bad.jpg").write_text("no picture here")
-    with pytest.raises(SystemExit, match="--image: 'bad.jpg' is not an image"):
+    with pytest.raises(ArgumentError, match="--image: 'bad.jpg' is not an image"):
         chat_loop(chat, [tmp_path / "bad.jpg"], ["hi"])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--image", "nope.png"], "error: --image: no such file 'nope.png'"),
+        (["--image", "tests"], "error: --image: 'tests' is a folder, not a file"),
+        (["--image", "README.md"], "error: --image: 'README.md' is not an image"),
+        (["--cfg-path", "eval_configs", "--image", "nope.png"], "error: --cfg-path: 'eval_configs' is a folder, not a file"),
+        (["--caption-dir", "nowhere", "--out", "c.jsonl"], "error: --caption-dir: no such folder 'nowhere'"),
+        (["--image", str(REF / "img0.png"), "--max-new-tokens", "0"], "error: --max-new-tokens: must be at least 1, got 0"),
+    ],
+)
+def test_arguments_are_checked_before_the_model_loads(args, message):
+    start = time.monotonic()
+    run = subprocess.run(cli(*args), input="", capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in run.stderr and "Initializing" not in run.stderr and "ready on" not in run.stderr
+    assert time.monotonic() - start < 30  # no model was loaded (the nano default takes longer)
+
+
+def test_demo_checks_its_config_path_before_loading():
+    run = subprocess.run([sys.executable, "demo.py", "--cfg-path", "eval_configs"], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == "error: --cfg-path: 'eval_configs' is a folder, not a file"
+
+
+def test_an_unreachable_hub_id_ends_in_seconds_with_one_line(tiny_cfg):
+    with socket.socket() as s:  # a port nothing listens on: the hub "is down"
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {**ENV, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_HOME": str(Path(tiny_cfg).parent / "hf")}
+    start = time.monotonic()
+    run = subprocess.run(
+        cli("--cfg-path", str(tiny_cfg), "--options", "model.llama_model=someone/vicuna-7b", "--image", str(REF / "img0.png")),
+        input="", capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )
+    assert time.monotonic() - start < 60  # the probe itself is timed in tests/models/test_llm.py
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if "someone/vicuna-7b" in line]
+    assert errors == ["error: model.llama_model: cannot reach the Hugging Face hub for 'someone/vicuna-7b' (ConnectError); "
+                      "download it where there is network (huggingface-cli download someone/vicuna-7b) and set model.llama_model to that folder"], run.stderr
+    offline = subprocess.run(
+        cli("--cfg-path", str(tiny_cfg), "--options", "model.llama_model=someone/vicuna-7b", "--image", str(REF / "img0.png")),
+        input="", capture_output=True, text=True, cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=120,
+    )
+    assert offline.returncode == 2 and "is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in offline.stderr.splitlines()[-1]
 
 
 def read_captions(path: Path) -> list[dict]:
@@ -141,3 +190,32 @@ def test_eval_configs_are_the_originals(name, model_type, end_sym, template):
     assert model.low_resource is True and model.prompt_template == template
     assert dict(cfg.datasets_cfg.cc_sbu_align.vis_processor.train) == {"name": "blip2_image_eval", "image_size": 224}
     assert cfg.run_cfg.task == "image_text_pretrain"
+
+
+def test_decoding_flags_override_only_what_they_name():
+    from minigpt4.chat import generation_from_args, parse_args
+
+    def settings(*flags):
+        return generation_from_args(parse_args(["--image", "x.png", *flags]))
+
+    assert settings() == {}  # everything from the config's generation section
+    assert settings("--greedy", "--max-new-tokens", "20") == {"do_sample": False, "max_new_tokens": 20}
+    assert settings("--temperature", "0.5") == {"do_sample": True, "temperature": 0.5}
+    assert settings("--sample") == {"do_sample": True}
+
+
+def test_chat_starts_from_the_configs_decoding(tiny_models):
+    from minigpt4.conversation import CONV_VISION_Vicuna0, Chat
+    from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
+
+    chat = Chat(tiny_models["vicuna0"], Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0, generation={"do_sample": False, "max_new_tokens": 7})
+    kwargs = chat.generation_kwargs()
+    assert kwargs["do_sample"] is False and kwargs["max_new_tokens"] == 7 and "temperature" not in kwargs
+    assert chat.generation_kwargs(do_sample=True, temperature=0.5)["temperature"] == 0.5
+    conv, img_list = chat.new_conversation(), []
+    chat.upload_img(REF / "img0.png", conv, img_list)
+    chat.ask("What is it?", conv)
+    _, tokens = chat.answer(conv, img_list)
+    assert len(tokens) <= 7
+    original = Chat(tiny_models["vicuna0"], Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0).generation_kwargs()
+    assert (original["do_sample"], original["top_p"], original["temperature"], original["max_new_tokens"]) == (True, 0.9, 1.0, 300)

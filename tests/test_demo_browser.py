@@ -11,15 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from browser_page import ARTIFACTS, CHROMIUM, DemoPage, launch_chromium
 from conftest import REF, REPO, tiny_model_section
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
-ARTIFACTS = REPO / "test-artifacts"
-TIMEOUT_MS = 60_000
 
 pytestmark = [
     pytest.mark.browser,
@@ -33,15 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def demo_url(write_yaml, tmp_path_factory):
-    cfg = write_yaml({"model": tiny_model_section("vicuna0")}, "demo_tiny.yaml")
+def serve_demo(tmp_path_factory, *args: str):
+    """Start ``demo.py ARGS`` on a free port; yields its URL, then stops it and checks its log."""
     port = free_port()
     log = tmp_path_factory.mktemp("demo") / "demo.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as log_file:
         server = subprocess.Popen(
-            [sys.executable, "demo.py", "--cfg-path", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--concurrency", "1"],
+            [sys.executable, "demo.py", *args, "--host", "127.0.0.1", "--port", str(port), "--concurrency", "1"],
             cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}/"
@@ -67,85 +59,24 @@ def demo_url(write_yaml, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def demo_url(write_yaml, tmp_path_factory):
+    cfg = write_yaml({"model": tiny_model_section("vicuna0")}, "demo_tiny.yaml")
+    yield from serve_demo(tmp_path_factory, "--cfg-path", str(cfg))
+
+
+@pytest.fixture(scope="module")
+def nano_url(smollm2_dir, tmp_path_factory):
+    yield from serve_demo(tmp_path_factory)  # no --cfg-path: the nano default, as the quick start
+
+
+@pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = launch_chromium(p)
         yield browser
         browser.close()
-
-
-class DemoPage:
-    """One browser session on the demo, in the words of the page's controls."""
-
-    def __init__(self, browser, url):
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
-        self.page = self.context.new_page()
-        self.page.set_default_timeout(TIMEOUT_MS)
-        self.page.goto(url, wait_until="load")
-        self.start_button.wait_for()
-
-    @property
-    def start_button(self):
-        return self.page.get_by_role("button", name="Upload & Start Chat")
-
-    @property
-    def question_box(self):
-        return self.page.locator("#question textarea")
-
-    def messages(self, who: str) -> list[str]:
-        return [t.strip() for t in self.page.locator(f"#chatbot .message-row.{who}-row").all_inner_texts()]
-
-    def upload(self, path: Path) -> None:
-        from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-        # A page still hydrating can drop the file input's change event: give it the file again.
-        file_input = self.page.locator("#image-upload input[type=file]")
-        for attempt in range(3):
-            if file_input.count():
-                file_input.set_input_files(str(path))
-            try:
-                self.page.locator("#image-upload").get_by_text(path.name).wait_for(timeout=15_000)
-                break
-            except PlaywrightTimeout:
-                if attempt == 2:
-                    self.page.screenshot(path=str(ARTIFACTS / "demo_upload_failed.png"), full_page=True)
-                    raise
-        self.start_button.click()
-
-    def start_chat(self, path: Path) -> None:
-        self.upload(path)
-        self.page.locator("#image-view img").wait_for()
-        self.page.wait_for_function("() => !document.querySelector('#question textarea').disabled")
-
-    def send(self, question: str) -> None:
-        self.question_box.fill(question)
-        self.question_box.press("Enter")
-
-    def wait_for_answers(self, n: int) -> None:
-        self.page.wait_for_function(
-            f"() => document.querySelectorAll('#chatbot .message-row.bot-row').length >= {n}"
-            " && !document.querySelector('#question textarea').disabled"
-        )
-
-    def toast(self, text: str) -> str:
-        toast = self.page.locator(".toast-body", has_text=text)
-        toast.first.wait_for()
-        return toast.first.inner_text()
-
-    def dismiss_toasts(self) -> None:
-        from playwright.sync_api import Error as PlaywrightError
-
-        for button in self.page.locator("button.toast-close").all():
-            try:
-                button.click(timeout=2000)
-            except PlaywrightError:
-                pass  # it timed out and went away by itself
-        self.page.locator(".toast-body").first.wait_for(state="detached")
-
-    def close(self) -> None:
-        self.context.close()
 
 
 def corrupt_png(tmp_path: Path) -> Path:
@@ -202,3 +133,22 @@ def test_chat_restart_errors_and_separate_sessions(demo_url, browser, tmp_path):
     alice.wait_for_answers(1)
     assert alice.messages("user") == ["And this one?"]
     alice.close()
+
+
+def test_the_nano_page_says_what_it_is_and_its_example_scenes_get_answers(nano_url, browser):
+    from minigpt4.datasets.datasets.synthetic_shapes import parse_objects
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = DemoPage(browser, nano_url)
+    intro = page.page.locator("#model-intro").inner_text()
+    assert "nano MiniGPT-4" in intro and "SmolLM2-135M-Instruct" in intro and "eval_configs/minigpt4_eval.yaml" in intro
+    assert page.page.locator("#examples .thumbnail-item").count() == 6
+    page.click_example(2)
+    page.send("Describe this image.")
+    page.wait_for_answers(1)
+    page.page.screenshot(path=str(ARTIFACTS / "demo_nano_example.png"), full_page=True)
+    answer = page.messages("bot")[0]
+    assert parse_objects(answer), answer  # it names coloured shapes
+    # the temperature slider starts at the config's greedy decoding
+    assert page.page.get_by_label("Temperature (0: greedy)").first.input_value() == "0"
+    page.close()

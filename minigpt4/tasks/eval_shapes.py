@@ -1,33 +1,64 @@
 """Score a MiniGPT-4 on held-out synthetic scenes through the public ``Chat`` API.
 
-    python -m minigpt4.tasks.eval_shapes --cfg-path eval_configs/minigpt4_nano_eval.yaml -n 200
+    python -m minigpt4.tasks.eval_shapes --cfg-path eval_configs/minigpt4_nano_eval.yaml -n 200 --protocol all
 
-Every scene is asked three questions in fresh conversations, answered greedily in batches:
-"Describe this image." (exact-scene accuracy: every (colour, shape) named, nothing extra),
-"How many shapes are there?" (counting accuracy) and, where a shape kind occurs once,
-"What colour is the <shape>?" (colour accuracy). Prints one JSON line.
+Three protocols, each printed as a section of one JSON line:
+
+- ``single``: every scene is asked three questions in fresh conversations, answered greedily in
+  batches: "Describe this image." (exact-scene accuracy: every (colour, shape) named, nothing
+  extra), "How many shapes are there?" (counting accuracy) and, where a shape kind occurs once,
+  "What colour is the <shape>?" (colour accuracy). Its figures are also the top-level keys.
+- ``conversation``: one chat per scene, as a demo user would: "Describe this image." and three
+  follow-ups (how many, what colour, where, is there), some about "it", each answered with the
+  model's own earlier replies in view and the chat's default decoding.
+- ``renderer``: "Describe this image." on the same scenes drawn by a renderer training never
+  sees (other shades of the colours, other sizes, anti-aliased edges).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import random
+import re
 import sys
-from typing import Any
+from collections import defaultdict
+from typing import Any, Sequence
 
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from minigpt4.datasets.datasets.synthetic_shapes import NUMBERS, SyntheticShapesDataset, parse_objects, questions
+from minigpt4.datasets.data_utils import derive_seed
+from minigpt4.datasets.datasets.synthetic_shapes import (
+    COLOURS,
+    NUMBERS,
+    QUESTIONS,
+    Shape,
+    SyntheticShapesDataset,
+    Turn,
+    conversation,
+    describe,
+    parse_objects,
+    questions,
+)
 
 HELD_OUT_SEED = 1  # training configs use seed 0
+PROTOCOLS = ("single", "conversation", "renderer")
+CONVERSATION_TURNS = 4
+CONVERSATION_KINDS = ("describe", "count", "colour", "where", "exists")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+PLACES = ("on the left", "in the middle", "on the right")
+# the type each follow-up is scored as
+SCORED_AS = {"describe": "exact_scene", "count": "count", "colour": "colour", "where": "position", "exists": "yes/no"}
 
 
 def evaluate(chat, num_scenes: int = 200, seed: int = HELD_OUT_SEED, batch_size: int = 16, image_size: int = 64, show_progress: bool = True) -> dict[str, Any]:
+    """The ``single`` protocol: three questions per scene, each in a fresh conversation."""
     scenes = SyntheticShapesDataset(lambda image: image, num_samples=num_scenes, image_size=image_size, seed=seed)
     exact = counted = coloured = colour_asked = 0
     examples = []
     batches = range(0, num_scenes, batch_size)
-    for start in tqdm(batches, desc="scenes", disable=not show_progress):
+    for start in tqdm(batches, desc="single", disable=not show_progress):
         items = [scenes.scene(i) for i in range(start, min(start + batch_size, num_scenes))]
         asks, checks = [], []
         for scene, image in items:
@@ -40,10 +71,9 @@ def evaluate(chat, num_scenes: int = 200, seed: int = HELD_OUT_SEED, batch_size:
         replies = chat.answer_batch([a[0] for a in asks], [a[1] for a in asks], do_sample=False, max_new_tokens=40)
         for (kind, truth), reply in zip(checks, replies):
             if kind == "describe":
-                ok = parse_objects(reply) == parse_objects(questions(truth)["describe"][1])
-                exact += ok
+                exact += describes_scene(reply, describe(truth))
                 if len(examples) < 5:
-                    examples.append({"truth": questions(truth)["describe"][1], "reply": reply})
+                    examples.append({"truth": describe(truth), "reply": reply})
             elif kind == "count":
                 counted += NUMBERS[len(truth)] in reply.lower().split() or str(len(truth)) in reply.split()
             else:
@@ -59,6 +89,207 @@ def evaluate(chat, num_scenes: int = 200, seed: int = HELD_OUT_SEED, batch_size:
     }
 
 
+# ---- scoring one reply ---------------------------------------------------------------------------
+def _words(reply: str) -> list[str]:
+    return re.findall(r"[a-z]+|\d+", reply.lower())
+
+
+def describes_scene(reply: str, truth: str) -> bool:
+    """Exact scene: the reply names every (colour, shape) of the true description, nothing more."""
+    return parse_objects(reply) == parse_objects(truth)
+
+
+def counts_right(reply: str, count: int) -> bool:
+    """The right number (word or digit) and no other number."""
+    numbers = {w for w in _words(reply) if w in NUMBER_WORDS or w.isdigit()}
+    return bool(numbers) and numbers <= {NUMBER_WORDS[count], str(count)}
+
+
+def names_colour(reply: str, colour: str) -> bool:
+    """The colour words of the reply are exactly ``{colour}``."""
+    return {w for w in _words(reply) if w in COLOURS} == {colour}
+
+
+def places_right(reply: str, place: str) -> bool:
+    """Exactly the right one of "on the left" / "in the middle" / "on the right"."""
+    text = " ".join(_words(reply))
+    return {p for p in PLACES if re.search(rf"\b{p}\b", text)} == {place}
+
+
+def says_yes_no(reply: str, yes: bool) -> bool:
+    """The reply starts with the right "yes" / "no"."""
+    words = _words(reply)
+    return bool(words) and words[0] == ("yes" if yes else "no")
+
+
+def score_turn(turn: Turn, scene: Sequence[Shape], reply: str) -> bool:
+    """Whether ``reply`` answers ``turn`` (a question of :func:`conversation`) about ``scene``."""
+    if turn.kind == "describe":
+        return describes_scene(reply, turn.answer)
+    if turn.kind == "count":
+        return counts_right(reply, len(scene))
+    if turn.kind == "colour":
+        return names_colour(reply, turn.focus.colour)
+    if turn.kind == "where":
+        return places_right(reply, turn.focus.place)
+    if turn.kind == "exists":
+        return says_yes_no(reply, turn.answer.startswith("yes"))
+    raise ValueError(f"no scoring rule for question kind '{turn.kind}'; choose from {', '.join(SCORED_AS)}")
+
+
+def _figure(oks: Sequence[bool]) -> dict[str, Any]:
+    return {"accuracy": sum(oks) / max(len(oks), 1), "questions": len(oks)}
+
+
+# ---- conversation protocol -----------------------------------------------------------------------
+def conversation_turns(scene: Sequence[Shape], seed: int, index: int) -> list[Turn]:
+    """The held-out conversation about scene ``index``: "Describe this image." then follow-ups."""
+    rng = random.Random(derive_seed(seed, "eval-conversation", index))
+    return conversation(scene, rng, CONVERSATION_TURNS, kinds=CONVERSATION_KINDS, first="describe")
+
+
+def chat_through(chat, image: Image.Image, turns: Sequence[Turn], max_new_tokens: int = 40) -> list[str]:
+    """Ask ``turns`` one after the other in ONE chat; later questions see the model's own replies."""
+    conv = chat.new_conversation()
+    img_list: list = []
+    chat.upload_img(image, conv, img_list)
+    replies = []
+    for turn in turns:
+        chat.ask(turn.question, conv)
+        reply, _ = chat.answer(conv, img_list, max_new_tokens=max_new_tokens)
+        replies.append(reply)
+    return replies
+
+
+def conversation_figures(scored: Sequence[tuple[Turn, bool]]) -> dict[str, Any]:
+    """Per scored type of the follow-ups: accuracy and number of questions, split into plain and
+    refers-back questions where a type has both."""
+    by_type: dict[str, list[tuple[Turn, bool]]] = defaultdict(list)
+    for turn, ok in scored:
+        by_type[SCORED_AS[turn.kind]].append((turn, ok))
+    figures: dict[str, Any] = {"all": _figure([ok for _, ok in scored])}
+    for kind in sorted(by_type):
+        pairs = by_type[kind]
+        figures[kind] = _figure([ok for _, ok in pairs])
+        plain = [ok for turn, ok in pairs if not turn.refers_back]
+        back = [ok for turn, ok in pairs if turn.refers_back]
+        if plain and back:
+            figures[kind].update(plain=_figure(plain), refers_back=_figure(back))
+    return figures
+
+
+def evaluate_conversations(
+    chat, num_scenes: int = 200, seed: int = HELD_OUT_SEED, image_size: int = 64, show_progress: bool = True, num_examples: int = 3
+) -> dict[str, Any]:
+    """The ``conversation`` protocol: a 4-turn chat per scene, scored turn by turn."""
+    scenes = SyntheticShapesDataset(lambda image: image, num_samples=num_scenes, image_size=image_size, seed=seed)
+    first, follow_ups, examples = [], [], []
+    for i in tqdm(range(num_scenes), desc="conversation", disable=not show_progress):
+        scene, image = scenes.scene(i)
+        turns = conversation_turns(scene, seed, i)
+        replies = chat_through(chat, image, turns)
+        oks = [score_turn(turn, scene, reply) for turn, reply in zip(turns, replies)]
+        first.append(oks[0])
+        follow_ups += list(zip(turns[1:], oks[1:]))
+        if len(examples) < num_examples:
+            examples.append(
+                [
+                    {"question": t.question, "truth": t.answer, "reply": r, "scored_as": SCORED_AS[t.kind], "refers_back": t.refers_back, "ok": ok}
+                    for t, r, ok in zip(turns, replies, oks)
+                ]
+            )
+    return {
+        "scenes": num_scenes,
+        "seed": seed,
+        "turns": CONVERSATION_TURNS,
+        "first_turn_exact_scene": _figure(first),
+        "follow_ups": conversation_figures(follow_ups),
+        "examples": examples,
+    }
+
+
+# ---- robustness protocol: a renderer training never uses -----------------------------------------
+# Named colours (CSS / X11) a person still calls by the colour name, each outside the training
+# shades (more than 25 away from the training RGB in some channel) and nearest to its own name.
+OTHER_SHADES = {
+    "red": {"crimson": (220, 20, 60), "firebrick": (178, 34, 34), "red": (255, 0, 0)},
+    "green": {"limegreen": (50, 205, 50), "seagreen": (46, 139, 87), "green": (0, 128, 0)},
+    "blue": {"royalblue": (65, 105, 225), "mediumblue": (0, 0, 205), "dodgerblue": (30, 144, 255)},
+    "yellow": {"yellow": (255, 255, 0), "goldenrod": (218, 165, 32), "khaki": (240, 230, 140)},
+    "purple": {"darkviolet": (148, 0, 211), "mediumorchid": (186, 85, 211), "indigo": (75, 0, 130)},
+    "orange": {"orange": (255, 165, 0), "coral": (255, 127, 80), "darkorange3": (205, 102, 0)},
+}
+OTHER_SIZES = (0.15, 0.45)  # training draws 0.2-0.4 of the side
+SUPERSAMPLE = 4
+
+
+def relayout(scene: Sequence[Shape], rng: random.Random, sizes: tuple[float, float] = OTHER_SIZES, tries: int = 1000) -> list[Shape]:
+    """The same shapes, left to right, at new sizes and non-overlapping places."""
+    for _ in range(tries):
+        placed: list[Shape] = []
+        for _ in range(50):
+            if len(placed) == len(scene):
+                break
+            size = rng.uniform(*sizes)
+            cx, cy = rng.uniform(size / 2, 1 - size / 2), rng.uniform(size / 2, 1 - size / 2)
+            if all(abs(cx - o.cx) > (size + o.size) / 2 + 0.02 or abs(cy - o.cy) > (size + o.size) / 2 + 0.02 for o in placed):
+                placed.append(Shape("", "", cx, cy, size))
+        if len(placed) == len(scene):
+            placed.sort(key=lambda s: s.cx)
+            return [Shape(s.colour, s.shape, p.cx, p.cy, p.size) for s, p in zip(scene, placed)]
+    raise RuntimeError(f"could not lay out {len(scene)} shapes of sizes {sizes} in {tries} tries")
+
+
+def render_other(scene: Sequence[Shape], image_size: int, rng: random.Random) -> Image.Image:
+    """Draw ``scene`` with :data:`OTHER_SHADES`, anti-aliased (drawn 4x larger, LANCZOS down)."""
+    big = image_size * SUPERSAMPLE
+    img = Image.new("RGB", (big, big), "white")
+    draw = ImageDraw.Draw(img)
+    for s in scene:
+        fill = rng.choice(list(OTHER_SHADES[s.colour].values()))
+        half = s.size * big / 2
+        x, y = s.cx * big, s.cy * big
+        if s.shape == "circle":
+            draw.ellipse([x - half, y - half, x + half, y + half], fill=fill)
+        elif s.shape == "square":
+            draw.rectangle([x - half, y - half, x + half, y + half], fill=fill)
+        else:
+            draw.polygon([(x, y - half), (x - half, y + half), (x + half, y + half)], fill=fill)
+    return img.resize((image_size, image_size), Image.LANCZOS)
+
+
+def other_scene(scenes: SyntheticShapesDataset, index: int) -> tuple[list[Shape], Image.Image]:
+    """Held-out scene ``index`` re-laid out and drawn by :func:`render_other`."""
+    shapes, _ = scenes.scene(index)
+    rng = random.Random(derive_seed(scenes.seed, "eval-renderer", index))
+    shapes = relayout(shapes, rng)
+    return shapes, render_other(shapes, scenes.image_size, rng)
+
+
+def evaluate_renderer(
+    chat, num_scenes: int = 200, seed: int = HELD_OUT_SEED, batch_size: int = 16, image_size: int = 64, show_progress: bool = True
+) -> dict[str, Any]:
+    """The ``renderer`` protocol: "Describe this image." on scenes drawn by :func:`render_other`."""
+    scenes = SyntheticShapesDataset(lambda image: image, num_samples=num_scenes, image_size=image_size, seed=seed)
+    results: list[tuple[int, bool]] = []
+    examples = []
+    for start in tqdm(range(0, num_scenes, batch_size), desc="renderer", disable=not show_progress):
+        items = [other_scene(scenes, i) for i in range(start, min(start + batch_size, num_scenes))]
+        # greedy, as the single protocol, so the two exact-scene figures differ only by the drawing
+        replies = chat.answer_batch([image for _, image in items], QUESTIONS["describe"], do_sample=False, max_new_tokens=40)
+        for (shapes, _), reply in zip(items, replies):
+            results.append((len(shapes), describes_scene(reply, describe(shapes))))
+            if len(examples) < 5:
+                examples.append({"truth": describe(shapes), "reply": reply})
+    return {
+        "scenes": num_scenes,
+        "seed": seed,
+        "exact_scene": _figure([ok for _, ok in results]),
+        "exact_scene_three_shapes": _figure([ok for n, ok in results if n == 3]),
+        "examples": examples,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cfg-path", default=None, help="eval config (default: the nano model)")
@@ -66,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="scene seed; training uses 0")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=64, help="side of the rendered scenes in pixels")
+    parser.add_argument("--protocol", choices=[*PROTOCOLS, "all"], default="all")
     parser.add_argument("--gpu-id", type=int, default=0)
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -74,7 +306,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from minigpt4.chat import DEFAULT_CFG, load_chat
 
     chat = load_chat(args.cfg_path or DEFAULT_CFG, args.options, args.gpu_id)
-    result = evaluate(chat, args.num_scenes, args.seed, args.batch_size, args.image_size)
+    run = PROTOCOLS if args.protocol == "all" else (args.protocol,)
+    result: dict[str, Any] = {}
+    if "single" in run:
+        single = evaluate(chat, args.num_scenes, args.seed, args.batch_size, args.image_size)
+        result.update(single, single=single)  # the top-level keys stay those of the single protocol
+    if "conversation" in run:
+        result["conversation"] = evaluate_conversations(chat, args.num_scenes, args.seed, args.image_size)
+    if "renderer" in run:
+        result["renderer"] = evaluate_renderer(chat, args.num_scenes, args.seed, args.batch_size, args.image_size)
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return result

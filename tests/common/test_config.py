@@ -49,6 +49,9 @@ def test_to_dict_is_plain_and_round_trips(write_yaml):
         ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna0"}, "datasets": {"no_such_set": {}}}, None, r"datasets\.no_such_set: unknown builder"),
         ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna0"}, "trainig": {}}, None, r"trainig: unknown section"),
         ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna0"}}, ["model.max_txt_len"], r"--options: 'model.max_txt_len' is not of the form key=value"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "nano"}, "generation": {"temprature": 0.7}}, None, r"generation\.temprature: unknown key"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "nano"}, "generation": {"max_new_tokens": 0}}, None, r"generation\.max_new_tokens: must be at least 1"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "nano"}, "generation": {"temperature": 0}}, None, r"generation\.temperature must be > 0.*greedy: do_sample: False"),
     ],
 )
 def test_bad_configs_fail_at_load_with_the_key_path(write_yaml, cfg, options, message):
@@ -63,3 +66,13 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         Config(cfg_path=str(bad))
+
+
+def test_decoding_defaults_come_from_the_config(write_yaml):
+    # the original demo's sampling for Vicuna; the nano model type decodes greedily
+    vicuna = load(write_yaml, {"model": tiny_model_section()}).generation_cfg
+    assert (vicuna.do_sample, vicuna.top_p, vicuna.temperature, vicuna.max_new_tokens, vicuna.num_beams) == (True, 0.9, 1.0, 300, 1)
+    nano = load(write_yaml, {"model": {"arch": "mini_gpt4", "model_type": "nano"}}).generation_cfg
+    assert nano.do_sample is False and nano.max_new_tokens == 100
+    mine = load(write_yaml, {"model": {"arch": "mini_gpt4", "model_type": "nano"}, "generation": {"do_sample": True, "temperature": 0.3}})
+    assert mine.generation_cfg.do_sample is True and mine.generation_cfg.temperature == 0.3

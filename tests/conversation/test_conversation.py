@@ -22,7 +22,7 @@ from minigpt4.conversation import (
     open_image,
     stop_sequences,
 )
-from minigpt4.conversation.conversation import _token_text
+from minigpt4.conversation.stopping import _token_text
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
 TEMPLATES = {"vicuna0": CONV_VISION_Vicuna0, "llama2": CONV_VISION_LLama2}
@@ -121,6 +121,9 @@ def test_upload_accepts_path_pil_and_tensor(chats, ref_tensors):
 @pytest.mark.parametrize("variant", ["vicuna0", "llama2"])
 def test_chat_matches_reference(chats, ref_json, ref_tensors, variant):
     chat = chats[variant]
+    if variant == "llama2":
+        # The original cut Llama-2 replies at "###" too (our template does not: see reply_cut).
+        chat = Chat(chat.model, chat.vis_processor, "cpu", dataclasses.replace(TEMPLATES[variant], reply_cut="###"))
     tokenizer = chat.model.llama_tokenizer
     conv, img_list = chat.new_conversation(), []
     chat.upload_img(REF / "img0.png", conv, img_list)
@@ -151,8 +154,16 @@ def test_stream_answer_gives_the_same_reply(chats, ref_json, variant):
     chat.ask(ref["question"], conv)
     pieces = list(chat.stream_answer(conv, img_list, **REF_GENERATION))
     assert len(pieces) > 1
-    assert pieces[-1] == ref["answer"] == conv.messages[-1][1]
-    assert all("#" not in p for p in pieces)
+    whole = chat.new_conversation()
+    chat.upload_img(REF / "img0.png", whole, [])
+    chat.ask(ref["question"], whole)
+    reply, _ = chat.answer(whole, img_list, **REF_GENERATION)
+    assert pieces[-1] == reply == conv.messages[-1][1]
+    if variant == "vicuna0":
+        assert reply == ref["answer"]
+        assert all("#" not in p for p in pieces)  # a half-written stop sign is never shown
+    else:
+        assert reply.startswith(ref["answer"]) and "###" in reply  # not cut at "###" (see reply_cut)
 
 
 def test_context_is_truncated_with_a_warning(chats, caplog):
@@ -161,7 +172,7 @@ def test_context_is_truncated_with_a_warning(chats, caplog):
     chat.upload_img(REF / "img0.png", conv, img_list)
     chat.ask("Describe the shapes.", conv)
     full = chat.get_context_emb(conv.get_prompt() + "Assistant: ", img_list)
-    with caplog.at_level(logging.WARNING, logger="minigpt4.conversation.conversation"):
+    with caplog.at_level(logging.WARNING, logger="minigpt4.conversation.chat"):
         generation = chat.answer_prepare(conv, img_list, max_new_tokens=20, max_length=100)
     assert generation["inputs_embeds"].shape[1] == 80
     torch.testing.assert_close(generation["inputs_embeds"][0], full[0, -80:])
@@ -309,7 +320,8 @@ def test_batch_equals_one_at_a_time_with_stops_at_different_lengths(chats, varia
     batched = chat.answer_batch(images, QUESTIONS, logits_processor=LogitsProcessorList([StopAt(stop_after, stop_id, eos_id)]), **GREEDY)
     assert len(calls) == 1 and calls[0]["inputs_embeds"].shape[0] == len(images)
     assert batched == singles
-    assert all("#" not in reply for reply in batched)
+    if variant == "vicuna0":
+        assert all("#" not in reply for reply in batched)
 
 
 def test_batch_equals_one_at_a_time_with_the_models_own_stops(chats, monkeypatch):
@@ -377,3 +389,13 @@ def test_smollm2_chatml_template_matches_the_nano_training_prompt():
         "<|im_start|>user\nHow many shapes are there?<|im_end|>\n<|im_start|>assistant\n"
     )
     assert CONV_VISION_SmolLM2.messages == []  # the template itself is untouched
+
+
+def test_clean_reply_follows_the_conversations_own_template():
+    from minigpt4.conversation import CONV_VISION_LLama2, CONV_VISION_SmolLM2, CONV_VISION_Vicuna0, clean_reply
+
+    # Vicuna V0: the original's cut at "###" and after the last "Assistant:"
+    assert clean_reply(" Assistant: a cat ### Human: more", CONV_VISION_Vicuna0) == "a cat"
+    # Llama-2 and ChatML replies keep a "###" (a Markdown heading) and an "Assistant:" they wrote
+    assert clean_reply("### Title\nAssistant: text ", CONV_VISION_LLama2) == "### Title\nAssistant: text"
+    assert clean_reply(" a red circle ### ", CONV_VISION_SmolLM2) == "a red circle ###"

@@ -13,7 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StaticCache
 from conftest import REF, REPO, tiny_model_section
 from minigpt4.chat import chat_loop, parse_args
 from minigpt4.conversation import CONV_VISION_LLama2, CONV_VISION_SmolLM2, CONV_VISION_Vicuna0, Chat
-from minigpt4.conversation.conversation import PrefixCache, common_prefix
+from minigpt4.conversation.kv_cache import PrefixCache, common_prefix
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
 QUESTIONS = ["What is in the picture?", "Which colour is it?", "And the shape on the left?"]

@@ -101,3 +101,20 @@ def test_smollm2_gguf_converts_once_and_reloads_identically(smollm2_dir):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, direct(ids).logits)
     assert tok.pad_token_id != tok.eos_token_id
+
+
+def test_an_unreachable_hub_is_detected_once_within_ten_seconds(monkeypatch, tmp_path):
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")  # nothing listens there
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"model\.llama_model: cannot reach the Hugging Face hub for 'someone/vicuna-7b'"):
+        llm.load_llm_tokenizer("someone/vicuna-7b")
+    assert time.monotonic() - start < 10

@@ -18,7 +18,7 @@ from minigpt4.common.utils import get_abs_path
 from minigpt4.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from minigpt4.datasets.data_utils import DatasetError
 from minigpt4.datasets.datasets.image_text_json_dataset import ImageTextJsonDataset, Problem, read_annotations
-from minigpt4.models.mini_gpt4 import load_prompt_list
+from minigpt4.prompts import load_prompt_list
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 
 from minigpt4.datasets.data_utils import SampleError, seeded_call
-from minigpt4.models.mini_gpt4 import IMAGE_PLACEHOLDER
+from minigpt4.prompts import IMAGE_PLACEHOLDER
 
 IMAGE_SLOT = f"<Img>{IMAGE_PLACEHOLDER}</Img>"
 REQUIRED_KEYS = ("image", "answer")

@@ -1,0 +1,349 @@
+"""The ``Chat`` engine: upload images, ask, answer, as the original demo, on our MiniGPT4.
+
+``Chat`` turns a conversation's prompt into LLM input embeddings (text segments interleaved with
+image tokens), generates, and cleans the reply as the original did. On top of the original it
+computes its stop words from the tokenizer (so any vocabulary works), streams from a worker
+thread whose errors reach the caller, answers a batch of (image, question) pairs in one
+``generate`` call, and keeps the LLM's KV cache between turns (:class:`PrefixCache`), so a new
+turn prefills only what the conversation added since the last one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from PIL import Image
+from transformers import DynamicCache, StaticCache, StoppingCriteriaList, TextIteratorStreamer
+
+from minigpt4.common.config import GenerationConfig
+from minigpt4.conversation.images import open_image
+from minigpt4.conversation.kv_cache import _OWN_CACHE, PositionKey, PrefixCache, common_prefix
+from minigpt4.conversation.stopping import StopMatcher, StoppingCriteriaSub, stop_sequences
+from minigpt4.conversation.templates import CONV_VISION, IMAGE_MESSAGE, Conversation, clean_reply
+from minigpt4.prompts import IMAGE_PLACEHOLDER
+
+logger = logging.getLogger(__name__)
+
+# The original demo's decoding: the defaults of the config's generation section.
+ORIGINAL_DECODING: dict[str, Any] = dataclasses.asdict(GenerationConfig())
+
+
+class Chat:
+    """Upload images, ask, answer: the original ``Chat`` API on our MiniGPT4.
+
+    ``img_list`` holds one embedding tensor per ``<ImageHere>`` in the conversation, in order.
+    With ``reuse_kv_cache`` (the default) each answer keeps the LLM's KV cache on the conversation
+    and the next answer prefills only the new part of the context; ``False`` re-encodes the whole
+    conversation every turn, as the original. Pass ``cache_implementation="static"`` to
+    :meth:`answer` for a fixed-size cache of ``max_length`` positions, whose decoding step
+    transformers compiles on a GPU (the first answer pays the compilation).
+    """
+
+    def __init__(
+        self,
+        model,
+        vis_processor,
+        device: str | torch.device = "cuda:0",
+        conv_template: Conversation = CONV_VISION,
+        reuse_kv_cache: bool = True,
+        generation: Mapping[str, Any] | None = None,
+        model_type: str | None = None,
+    ):
+        self.model = model
+        self.vis_processor = vis_processor
+        self.device = torch.device(device)
+        self.conv_template = conv_template
+        self.reuse_kv_cache = reuse_kv_cache
+        # The decoding a caller gets without asking (the config's generation section; the
+        # original demo's sampling when none is given).
+        self.generation = {**ORIGINAL_DECODING, **(generation or {})}
+        self.model_type = model_type
+        tokenizer = model.llama_tokenizer
+        eos = {tokenizer.eos_token_id}
+        config_eos = getattr(model.llama_model.generation_config, "eos_token_id", None)
+        eos.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
+        eos_ids = sorted(i for i in eos if i is not None)
+        self.stop_matcher = StopMatcher(stop_sequences(tokenizer, conv_template.stop_str, eos_ids))
+        self.stopping_criteria = StoppingCriteriaList([StoppingCriteriaSub(self.stop_matcher)])
+
+    def new_conversation(self) -> Conversation:
+        return self.conv_template.copy()
+
+    # ---- images and questions ----
+    def _image_tensor(self, image: str | os.PathLike | Image.Image | torch.Tensor) -> torch.Tensor:
+        if isinstance(image, (str, os.PathLike)):
+            image = open_image(image)
+        if isinstance(image, Image.Image):
+            image = self.vis_processor(image.convert("RGB"))
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"image: expected a path, a PIL image or a tensor, got {type(image).__name__}")
+        if image.dim() == 3:
+            image = image.unsqueeze(0)
+        return image.to(self.device)
+
+    def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """(N, tokens, hidden) LLM-width embeddings of N images, in one ``encode_img`` call."""
+        batch = torch.cat([self._image_tensor(image) for image in images])
+        with torch.inference_mode():
+            image_emb, _ = self.model.encode_img(batch)
+        return image_emb
+
+    def upload_img(self, image: Any, conv: Conversation, img_list: list[torch.Tensor]) -> str:
+        img_list.append(self.encode_images([image]))
+        conv.append_message(conv.roles[0], IMAGE_MESSAGE)
+        return "Received."
+
+    def ask(self, text: str, conv: Conversation) -> None:
+        last = conv.messages[-1] if conv.messages else None
+        if last is not None and last[0] == conv.roles[0] and last[1] is not None and last[1].endswith("</Img>"):
+            last[1] = " ".join([last[1], text])
+        else:
+            conv.append_message(conv.roles[0], text)
+
+    # ---- prompt -> embeddings ----
+    def get_context_emb(self, prompt: str, img_list: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Text segments (BOS on the first only) interleaved with the image embeddings: (1, L, H)."""
+        return self.context_with_keys(prompt, img_list)[0]
+
+    @torch.no_grad()
+    def context_with_keys(self, prompt: str, img_list: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[PositionKey]]:
+        """:meth:`get_context_emb` and the :class:`PrefixCache` key of each of its positions."""
+        segments = prompt.split(IMAGE_PLACEHOLDER)
+        if len(segments) != len(img_list) + 1:
+            raise ValueError(f"the prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} but {len(img_list)} images were uploaded")
+        tokenizer = self.model.llama_tokenizer
+        embed = self.model.llama_model.get_input_embeddings()
+        device = embed.weight.device
+        pieces, keys = [], []
+        for i, segment in enumerate(segments):
+            ids = tokenizer(segment, add_special_tokens=i == 0).input_ids
+            pieces.append(embed(torch.tensor([ids], dtype=torch.long, device=device)))
+            keys += ids
+            if i < len(img_list):
+                image = img_list[i]
+                pieces.append(image.to(device=device, dtype=embed.weight.dtype))
+                keys += [(id(image), row) for row in range(image.shape[1])]
+        return torch.cat(pieces, dim=1), keys
+
+    def generation_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """``generate`` arguments: :attr:`generation` with ``overrides`` on top (``max_length`` excluded)."""
+        settings = {**self.generation, **overrides}
+        settings.pop("max_length", None)
+        kwargs = dict(
+            stopping_criteria=self.stopping_criteria,
+            pad_token_id=self.model.llama_tokenizer.pad_token_id,
+            **{k: v for k, v in settings.items() if k not in ("top_p", "temperature")},
+        )
+        if settings["do_sample"]:
+            kwargs.update(top_p=settings["top_p"], temperature=float(settings["temperature"]))
+        return kwargs
+
+    def _truncate(self, embs: torch.Tensor, max_new_tokens: int, max_length: int) -> torch.Tensor:
+        overflow = embs.shape[1] + max_new_tokens - max_length
+        if overflow > 0:
+            logger.warning(
+                "the conversation is %d tokens, more than max_length %d minus max_new_tokens %d: "
+                "the model will not see its first %d positions",
+                embs.shape[1], max_length, max_new_tokens, overflow,
+            )
+            embs = embs[:, overflow:]
+        return embs
+
+    def answer_prepare(
+        self, conv: Conversation, img_list: Sequence[torch.Tensor], max_new_tokens: int | None = None, max_length: int | None = None, **generation: Any
+    ) -> dict[str, Any]:
+        """The ``generate`` arguments of the assistant's next turn.
+
+        ``inputs_embeds`` is always the whole context; with a reused cache, ``cache`` holds the
+        conversation's KV cache cropped to what that context starts with, and ``generate``
+        prefills only the positions after it.
+        """
+        max_new_tokens = max_new_tokens or self.generation["max_new_tokens"]
+        max_length = max_length or self.generation["max_length"]
+        conv.append_message(conv.roles[1], None)
+        embs, keys = self.context_with_keys(conv.get_prompt(), img_list)
+        kept = self._truncate(embs, max_new_tokens, max_length)
+        kwargs = dict(inputs_embeds=kept, **self.generation_kwargs(max_new_tokens=max_new_tokens, **generation))
+        # Truncation shifts every position: nothing in the cache fits any more.
+        self._attach_cache(conv, kwargs, keys if kept is embs else None, img_list, max_length)
+        return kwargs
+
+    def _cache_kind(self, generation: dict[str, Any]) -> str | None:
+        """The kind of cache this generation can carry between turns ("dynamic", "static"), or None."""
+        if not self.reuse_kv_cache or generation.get("num_beams", 1) > 1 or generation.get("num_return_sequences", 1) > 1:
+            return None
+        if generation.get("use_cache") is False or any(generation.get(k) is not None for k in _OWN_CACHE):
+            return None
+        if getattr(self.model.llama_model.generation_config, "cache_implementation", None) is not None:
+            return None  # the model's own choice; generate refuses a cache next to it
+        kind = generation.get("cache_implementation") or "dynamic"
+        return kind if kind in ("dynamic", "static") else None
+
+    def _attach_cache(
+        self, conv: Conversation, generation: dict[str, Any], keys: list[PositionKey] | None, img_list: Sequence[torch.Tensor], max_length: int
+    ) -> None:
+        previous, conv.kv_cache = conv.kv_cache, None
+        kind = self._cache_kind(generation) if keys is not None else None
+        if kind is None:
+            return
+        llm = self.model.llama_model
+        length = len(keys) + generation["max_new_tokens"]
+        held = previous.claim(llm, kind == "static", length) if previous is not None else None
+        if held is None:
+            if kind == "static":
+                # max_length bounds every untruncated turn: one cache (one compiled graph) serves them all.
+                cache = StaticCache(config=llm.config, max_cache_len=max(length, max_length))
+            else:
+                cache = DynamicCache(config=llm.config)
+            state, held = PrefixCache(cache, llm), []
+        else:
+            state = previous
+        state.start(held, keys, img_list)
+        generation.pop("cache_implementation", None)
+        generation["cache"] = state.cache
+        conv.kv_cache = state
+
+    def _keep_cache(self, conv: Conversation, img_list: Sequence[torch.Tensor], generation: dict[str, Any], output: Sequence[int]) -> None:
+        """After a successful turn, its reply stored in ``conv``: prefill the reply as the next
+        prompt will tokenize it, up to the user's role, so the next turn prefills only its question.
+        """
+        state = conv.kv_cache
+        if state is None or generation.get("cache") is not state.cache:
+            return
+        state.finish(output)
+        upcoming = conv.copy()
+        upcoming.append_message(upcoming.roles[0], None)
+        # Up to the role's last visible character: a trailing space tokenizes with the next word.
+        embs, keys = self.context_with_keys(upcoming.get_prompt().rstrip(), img_list)
+        llm = self.model.llama_model
+        held = state.claim(llm, isinstance(state.cache, StaticCache), len(keys))
+        if held is None:
+            return
+        keep = common_prefix(held, keys)
+        state.crop(len(held), keep)
+        try:
+            if keep < len(keys):
+                with torch.inference_mode(), self.model.maybe_autocast(self.model.autocast_dtype):
+                    llm(inputs_embeds=embs[:, keep:], cache=state.cache, use_cache=True, logits_to_keep=1)
+        except Exception as err:  # the reply is fine; only the next turn's head start is lost
+            logger.warning("prefilling the reply for the next turn failed (%s: %s); the next turn prefills it", type(err).__name__, err)
+            return
+        state.keys, state.images = keys, list(img_list)
+
+    def model_generate(self, **kwargs: Any) -> torch.Tensor:
+        with torch.inference_mode(), self.model.maybe_autocast(self.model.autocast_dtype):
+            return self.model.llama_model.generate(**kwargs)
+
+    def decode_reply(self, token_ids: Sequence[int]) -> str:
+        tokenizer = self.model.llama_tokenizer
+        ids = self.stop_matcher.cut(token_ids)
+        # transformers 4.28 put a BOS (and models sometimes an unk) before the new tokens.
+        if ids and ids[0] == tokenizer.unk_token_id:
+            ids = ids[1:]
+        if ids and ids[0] == tokenizer.bos_token_id:
+            ids = ids[1:]
+        return clean_reply(tokenizer.decode(ids, skip_special_tokens=True), self.conv_template)
+
+    def answer(self, conv: Conversation, img_list: Sequence[torch.Tensor], **kwargs: Any) -> tuple[str, list[int]]:
+        """Generate the assistant's turn, store it in ``conv`` and return it with its token ids."""
+        generation = self.answer_prepare(conv, img_list, **kwargs)
+        output = self.model_generate(**generation)[0].tolist()
+        reply = self.decode_reply(output)
+        conv.messages[-1][1] = reply
+        self._keep_cache(conv, img_list, generation, output)
+        return reply, output
+
+    def stream_answer(self, conv: Conversation, img_list: Sequence[torch.Tensor], **kwargs: Any) -> Iterator[str]:
+        """Like :meth:`answer`, yielding the cleaned reply so far as tokens arrive.
+
+        When the generator is exhausted the final reply (the same text :meth:`answer` gives) is
+        stored in ``conv``; an error in the generation thread is raised here.
+        """
+        generation = self.answer_prepare(conv, img_list, **kwargs)
+        if generation.get("num_beams", 1) > 1:
+            # transformers cannot stream beam search: answer in one piece instead.
+            output = self.model_generate(**generation)[0].tolist()
+            conv.messages[-1][1] = self.decode_reply(output)
+            yield conv.messages[-1][1]
+            return
+        streamer = TextIteratorStreamer(self.model.llama_tokenizer, skip_prompt=False, skip_special_tokens=True)
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                result["output"] = self.model_generate(streamer=streamer, **generation)
+            except BaseException as err:  # handed to the consumer below
+                result["error"] = err
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="minigpt4-generate", daemon=True)
+        thread.start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            shown = clean_reply(text, self.conv_template)
+            if self.conv_template.stop_str:
+                # Hide a half-written stop sign ("#", "##") until we know what it becomes.
+                shown = shown.rstrip(self.conv_template.stop_str[0]).rstrip()
+            yield shown
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        output = result["output"][0].tolist()
+        conv.messages[-1][1] = self.decode_reply(output)
+        self._keep_cache(conv, img_list, generation, output)
+        yield conv.messages[-1][1]
+
+    # ---- batches ----
+    def answer_batch(
+        self,
+        images: Sequence[Any],
+        questions: str | Sequence[str],
+        conv_template: Conversation | None = None,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        **generation: Any,
+    ) -> list[str]:
+        """Answer N (image, question) pairs, each in a fresh conversation, in ONE ``generate`` call.
+
+        Contexts are left-padded (pad embedding, mask 0), each sequence stops on its own stop
+        words, and each reply is cut at its own stop, so under greedy decoding the replies equal
+        those of :meth:`answer` one at a time.
+        """
+        if isinstance(questions, str):
+            questions = [questions] * len(images)
+        if len(questions) != len(images):
+            raise ValueError(f"answer_batch: {len(images)} images but {len(questions)} questions")
+        if not images:
+            return []
+        template = conv_template or self.conv_template
+        max_new_tokens = max_new_tokens or self.generation["max_new_tokens"]
+        max_length = max_length or self.generation["max_length"]
+        image_embs = self.encode_images(images)
+        contexts = []
+        for image_emb, question in zip(image_embs, questions):
+            conv = template.copy()
+            conv.append_message(conv.roles[0], IMAGE_MESSAGE)
+            self.ask(question, conv)
+            conv.append_message(conv.roles[1], None)
+            emb = self.get_context_emb(conv.get_prompt(), [image_emb.unsqueeze(0)])
+            contexts.append(self._truncate(emb, max_new_tokens, max_length)[0])
+
+        embed = self.model.llama_model.get_input_embeddings()
+        pad_id = torch.tensor(self.model.llama_tokenizer.pad_token_id, device=embed.weight.device)
+        longest = max(len(c) for c in contexts)
+        inputs_embeds = embed(pad_id).expand(len(contexts), longest, -1).clone()
+        attention_mask = torch.zeros(len(contexts), longest, dtype=torch.long, device=embed.weight.device)
+        for i, context in enumerate(contexts):
+            inputs_embeds[i, longest - len(context) :] = context
+            attention_mask[i, longest - len(context) :] = 1
+        outputs = self.model_generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            **self.generation_kwargs(max_new_tokens=max_new_tokens, **generation),
+        )
+        return [self.decode_reply(row) for row in outputs.tolist()]

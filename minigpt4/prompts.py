@@ -1,0 +1,24 @@
+"""Instruction prompts: the image placeholder and the prompt lists of ``prompts/*.txt``.
+
+The bottom layer with ``processors``: datasets, models and the conversation templates read
+prompts from here, so a data-loader worker never imports a model to learn what ``<ImageHere>`` is.
+"""
+from __future__ import annotations
+
+from minigpt4.common.config import ConfigError
+from minigpt4.common.utils import get_abs_path
+
+IMAGE_PLACEHOLDER = "<ImageHere>"
+
+
+def load_prompt_list(prompt_path: str | None, prompt_template: str = "", key: str = "model.prompt_path") -> list[str]:
+    """The instruction prompts: lines of ``prompt_path`` holding ``<ImageHere>``, templated."""
+    if not prompt_path:
+        return []
+    path = get_abs_path(prompt_path)
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such file '{prompt_path}'")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if IMAGE_PLACEHOLDER in line]
+    if not lines:
+        raise ConfigError(f"{key}: '{prompt_path}' has no line containing {IMAGE_PLACEHOLDER}")
+    return [prompt_template.format(line) if prompt_template else line for line in lines]
