@@ -24,7 +24,7 @@ from minigpt4.conversation.images import open_image
 from minigpt4.conversation.kv_cache import _OWN_CACHE, PositionKey, PrefixCache, common_prefix
 from minigpt4.conversation.stopping import StopMatcher, StoppingCriteriaSub, stop_sequences
 from minigpt4.conversation.templates import CONV_VISION, IMAGE_MESSAGE, Conversation, clean_reply
-from minigpt4.prompts import IMAGE_PLACEHOLDER
+from minigpt4.models.mini_gpt4 import embed_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -112,22 +112,9 @@ class Chat:
     @torch.no_grad()
     def context_with_keys(self, prompt: str, img_list: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[PositionKey]]:
         """:meth:`get_context_emb` and the :class:`PrefixCache` key of each of its positions."""
-        segments = prompt.split(IMAGE_PLACEHOLDER)
-        if len(segments) != len(img_list) + 1:
-            raise ValueError(f"the prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} but {len(img_list)} images were uploaded")
-        tokenizer = self.model.llama_tokenizer
         embed = self.model.llama_model.get_input_embeddings()
-        device = embed.weight.device
-        pieces, keys = [], []
-        for i, segment in enumerate(segments):
-            ids = tokenizer(segment, add_special_tokens=i == 0).input_ids
-            pieces.append(embed(torch.tensor([ids], dtype=torch.long, device=device)))
-            keys += ids
-            if i < len(img_list):
-                image = img_list[i]
-                pieces.append(image.to(device=device, dtype=embed.weight.dtype))
-                keys += [(id(image), row) for row in range(image.shape[1])]
-        return torch.cat(pieces, dim=1), keys
+        emb, keys = embed_prompt(prompt, img_list, self.model.llama_tokenizer, embed, special_tokens=True)
+        return emb.unsqueeze(0), keys
 
     def generation_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """``generate`` arguments: :attr:`generation` with ``overrides`` on top (``max_length`` excluded)."""

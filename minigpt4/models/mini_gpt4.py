@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -49,6 +49,41 @@ def config_choice(cfg: Mapping[str, Any], key: str, choices: Sequence[str], defa
     if value not in choices:
         raise ConfigError(f"model.{key}: '{value}' is not one of {', '.join(choices)}")
     return value
+
+
+def embed_prompt(
+    prompt: str,
+    images: Sequence[torch.Tensor],
+    tokenizer: Any,
+    embed: nn.Module,
+    special_tokens: bool = False,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, list[Hashable]]:
+    """THE place where text and images become LLM input: ``prompt``'s text segments around each
+    ``<ImageHere>`` tokenized and embedded, ``images[i]`` (N, H) at placeholder ``i``.
+
+    Training (``prompt_wrap``), chat, batched captioning and the server all call it.
+    ``special_tokens`` lets the tokenizer add its own start (BOS) before the first segment, as
+    chat does; training adds its BOS prefix separately. Returns the (L, H) embeddings and a key
+    per position saying what it was computed from: a token id, or ``(id(image), row)`` (the
+    KV-cache reuse between chat turns compares these). ``dtype``: of the result (default the
+    embedding's).
+    """
+    dtype = dtype or embed.weight.dtype
+    segments = prompt.split(IMAGE_PLACEHOLDER)
+    if len(segments) != len(images) + 1:
+        raise ValueError(f"the prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} but {len(images)} images were given")
+    device = embed.weight.device
+    pieces, keys = [], []
+    for i, segment in enumerate(segments):
+        ids = tokenizer(segment, add_special_tokens=special_tokens and i == 0).input_ids
+        pieces.append(embed(torch.tensor(ids, dtype=torch.long, device=device)).to(dtype))
+        keys += ids
+        if i < len(images):
+            rows = images[i].reshape(-1, images[i].shape[-1])  # (N, H), or chat's (1, N, H)
+            pieces.append(rows.to(device=device, dtype=dtype))
+            keys += [(id(images[i]), row) for row in range(rows.shape[0])]
+    return torch.cat(pieces), keys
 
 
 def query_output(Qformer: nn.Module, query_tokens: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -257,9 +292,6 @@ class MiniGPT4(BaseModel):
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.llama_model.get_input_embeddings()(token_ids)
 
-    def _tokenize(self, text: str, device: torch.device) -> torch.Tensor:
-        return self.llama_tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-
     # ---- instruction around the image --------------------------------------------------------
     def prompt_wrap(
         self, img_embeds: torch.Tensor, atts_img: torch.Tensor, prompts: str | Sequence[str] | None
@@ -273,14 +305,14 @@ class MiniGPT4(BaseModel):
         if isinstance(prompts, str):
             prompts = [prompts] * len(img_embeds)
         device = img_embeds.device
+        embed = self.llama_model.get_input_embeddings()
         wrapped = []
         for img, prompt in zip(img_embeds, prompts):
-            segments = prompt.split(IMAGE_PLACEHOLDER)
-            pieces = []
-            for seg in segments[:-1]:
-                pieces += [self.embed_tokens(self._tokenize(seg, device))[0], img]
-            pieces.append(self.embed_tokens(self._tokenize(segments[-1], device))[0])
-            wrapped.append(torch.cat(pieces)[: self.max_context_len])
+            # every <ImageHere> of a training prompt is this sample's image
+            images = [img] * prompt.count(IMAGE_PLACEHOLDER)
+            dtype = torch.promote_types(embed.weight.dtype, img.dtype)
+            emb, _ = embed_prompt(prompt, images, self.llama_tokenizer, embed, dtype=dtype)
+            wrapped.append(emb[: self.max_context_len])
         max_len = max(len(w) for w in wrapped)
         pad_id = torch.tensor(self.llama_tokenizer.pad_token_id, device=device)
         wrapped_embs = self.embed_tokens(pad_id).expand(len(wrapped), max_len, -1).clone()

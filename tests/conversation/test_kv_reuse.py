@@ -349,14 +349,14 @@ def test_demo_sessions_reuse_the_cache_and_answer_as_the_original(make_chat, ori
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     chat = make_chat("vicuna0")
-    monkeypatch.setattr(chat, "stream_answer", functools.partial(chat.stream_answer, **GREEDY))  # the page samples
+    monkeypatch.setattr(chat, "stream_answer", functools.partial(chat.stream_answer, **GREEDY))
     handlers = demo.Handlers(chat)
     *_, conv, img_list = handlers.start_chat(str(REF / "img0.png"), None, [])
 
     def turn(question: str, conv):
         _, chatbot, pending = handlers.ask(question, [], conv)
         prefills.clear()
-        chatbot, conv = list(handlers.answer(pending, chatbot, conv, img_list, 1, 1.0))[-1]
+        chatbot, conv = list(handlers.answer(pending, chatbot, conv, img_list, 1, 0.0))[-1]  # temperature 0: greedy
         return chatbot[-1]["content"], conv, prefills[0]
 
     reference = original("vicuna0")

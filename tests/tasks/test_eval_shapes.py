@@ -1,0 +1,208 @@
+"""The nano model's scorer: each scoring rule, the other renderer, and the three protocols end to end."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from minigpt4.datasets.datasets.synthetic_shapes import COLOURS, PROMPT_KINDS, Shape, SyntheticShapesDataset, ask, describe
+from minigpt4.tasks import eval_shapes
+from minigpt4.tasks.eval_shapes import (
+    OTHER_SHADES,
+    OTHER_SIZES,
+    conversation_figures,
+    conversation_turns,
+    counts_right,
+    describes_scene,
+    evaluate_conversations,
+    evaluate_renderer,
+    names_colour,
+    other_scene,
+    places_right,
+    says_yes_no,
+    score_turn,
+)
+
+SCENE = [Shape("red", "circle", 0.2, 0.5, 0.3), Shape("blue", "square", 0.5, 0.3, 0.2), Shape("green", "triangle", 0.8, 0.6, 0.25)]
+
+
+def test_exact_scene_needs_every_shape_and_nothing_more():
+    truth = describe(SCENE)
+    assert describes_scene("a red circle, a blue square and a green triangle.", truth)
+    assert not describes_scene("a red circle and a blue square.", truth)
+    assert not describes_scene("a red circle, a blue square, a green triangle and a red square.", truth)
+
+
+def test_count_needs_the_right_number_and_no_other():
+    assert counts_right("there are two shapes.", 2)
+    assert counts_right("There are 2 shapes.", 2)
+    assert not counts_right("there are three shapes.", 2)
+    assert not counts_right("two or three shapes.", 2)
+    assert not counts_right("some shapes.", 2)
+
+
+def test_colour_needs_exactly_the_right_colour():
+    assert names_colour("the circle is red.", "red")
+    assert not names_colour("the circle is red and blue.", "red")
+    assert not names_colour("the circle is blue.", "red")
+    assert not names_colour("a circle.", "red")
+
+
+def test_position_needs_exactly_the_right_place():
+    assert places_right("the red circle is in the middle.", "in the middle")
+    assert not places_right("the red circle is on the left.", "in the middle")
+    assert not places_right("on the left or in the middle.", "in the middle")
+    assert not places_right("the red circle is on the leftmost side.", "on the left")
+
+
+def test_yes_no_needs_the_right_first_word():
+    assert says_yes_no("Yes, there is a red circle.", True)
+    assert not says_yes_no("no, there is no red circle.", True)  # the circle is there
+    assert says_yes_no("no, there is no red square.", False)
+    assert not says_yes_no("nothing like that, but yes.", False)
+    assert not says_yes_no("", True)
+
+
+@pytest.mark.parametrize("kind", PROMPT_KINDS)
+def test_the_dataset_answer_of_every_kind_scores_right_and_another_one_wrong(kind):
+    rng = random.Random(3)
+    turns = [t for t in (ask(SCENE, kind, rng) for _ in range(20)) if t is not None]
+    assert turns
+    for turn in turns:
+        assert score_turn(turn, SCENE, turn.answer), turn
+        wrong = {
+            "describe": "a red circle.",
+            "count": "there are two shapes.",
+            "colour": "it is purple.",
+            "where": "it is on the right." if turn.focus and turn.focus.place != "on the right" else "it is on the left.",
+            "exists": "no." if turn.answer.startswith("yes") else "yes.",
+        }[kind]
+        assert not score_turn(turn, SCENE, wrong), turn
+
+
+def test_a_follow_up_about_it_is_scored_on_its_shape():
+    turn = ask(SCENE, "colour", random.Random(0), focus=SCENE[1])
+    assert turn.refers_back and turn.question == "What colour is it?"
+    assert score_turn(turn, SCENE, "it is blue.") and not score_turn(turn, SCENE, "it is red.")
+
+
+def test_conversation_figures_count_every_question_and_split_only_where_both_occur():
+    colour_plain = ask(SCENE, "colour", random.Random(0))
+    colour_back = ask(SCENE, "colour", random.Random(0), focus=SCENE[0])
+    count = ask(SCENE, "count", random.Random(0))
+    figures = conversation_figures([(colour_plain, True), (colour_back, False), (count, True), (count, False)])
+    assert figures["all"] == {"accuracy": 0.5, "questions": 4}
+    assert figures["colour"]["plain"] == {"accuracy": 1.0, "questions": 1}
+    assert figures["colour"]["refers_back"] == {"accuracy": 0.0, "questions": 1}
+    assert figures["count"] == {"accuracy": 0.5, "questions": 2}
+
+
+def test_held_out_conversations_start_with_describe_and_are_deterministic():
+    scenes = SyntheticShapesDataset(lambda image: image, num_samples=20, seed=1)
+    for i in range(20):
+        scene, _ = scenes.scene(i)
+        turns = conversation_turns(scene, 1, i)
+        assert len(turns) == 4 and turns[0].question == "Describe this image."
+        assert all(t.kind != "describe" for t in turns[1:])
+        assert turns == conversation_turns(scene, 1, i)
+
+
+def _nearest_colour(rgb: tuple[int, ...]) -> str:
+    return min(COLOURS, key=lambda name: sum((a - b) ** 2 for a, b in zip(rgb, COLOURS[name])))
+
+
+def test_other_renderer_draws_other_shades_of_the_same_colour_names():
+    for name, shades in OTHER_SHADES.items():
+        for rgb in shades.values():
+            assert _nearest_colour(rgb) == name, (name, rgb)
+            # outside the training shades (each channel within 25 of the palette)
+            assert max(abs(a - b) for a, b in zip(rgb, COLOURS[name])) > 25, (name, rgb)
+    scenes = SyntheticShapesDataset(lambda image: image, num_samples=40, seed=1)
+    seen = set()
+    for i in range(40):
+        shapes, image = other_scene(scenes, i)
+        for s in shapes:
+            pixel = image.getpixel((int(s.cx * image.width), int(s.cy * image.height)))
+            assert _nearest_colour(pixel) == s.colour, (i, s, pixel)
+            # the centre of a small anti-aliased triangle is a shade blended a little with the white
+            shade = min(OTHER_SHADES[s.colour].values(), key=lambda rgb: max(abs(a - b) for a, b in zip(rgb, pixel)))
+            assert max(abs(a - b) for a, b in zip(shade, pixel)) <= 10, (i, s, pixel)
+            seen.add(shade)
+    assert len(seen) >= 12  # most shades occur
+
+
+def test_other_renderer_relays_out_the_same_shapes_at_other_sizes_anti_aliased():
+    scenes = SyntheticShapesDataset(lambda image: image, num_samples=40, seed=1)
+    sizes = []
+    for i in range(40):
+        shapes, image = other_scene(scenes, i)
+        trained, trained_image = scenes.scene(i)
+        assert [(s.colour, s.shape) for s in shapes] == [(s.colour, s.shape) for s in trained]
+        assert [s.cx for s in shapes] == sorted(s.cx for s in shapes)
+        for j, a in enumerate(shapes):
+            for b in shapes[j + 1 :]:
+                assert abs(a.cx - b.cx) > (a.size + b.size) / 2 or abs(a.cy - b.cy) > (a.size + b.size) / 2
+        sizes += [s.size for s in shapes]
+        palette = {(255, 255, 255)} | {rgb for shades in OTHER_SHADES.values() for rgb in shades.values()}
+        assert set(image.getdata()) - palette  # blended edges: colours that no fill has
+        assert image.size == trained_image.size
+    assert all(OTHER_SIZES[0] <= s <= OTHER_SIZES[1] for s in sizes)
+    assert any(s < 0.2 for s in sizes) and any(s > 0.4 for s in sizes)  # training draws 0.2-0.4
+    assert other_scene(scenes, 3)[0] == other_scene(scenes, 3)[0]
+
+
+# ---- the real nano model -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def nano_chat(request):
+    import torch
+
+    from minigpt4.chat import DEFAULT_CFG, load_chat
+
+    # A 135M model answering one question at a time gains little from threads, and on a busy CPU
+    # (a training job beside the tests) a second thread makes every step wait: 10x slower here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.getfixturevalue("smollm2_dir")
+    yield load_chat(DEFAULT_CFG)
+    torch.set_num_threads(threads)
+
+
+def _questions(figure: dict) -> int:
+    return figure["questions"]
+
+
+@pytest.mark.slow
+def test_conversation_and_renderer_protocols_on_the_nano_model(nano_chat):
+    conv = evaluate_conversations(nano_chat, num_scenes=3, show_progress=False)
+    assert conv["first_turn_exact_scene"]["questions"] == 3
+    assert len(conv["examples"]) == 3 and all(len(turns) == 4 for turns in conv["examples"])
+    follow_ups = conv["follow_ups"]
+    by_type = {k: v for k, v in follow_ups.items() if k != "all"}
+    assert follow_ups["all"]["questions"] == 9 == sum(map(_questions, by_type.values()))
+    assert set(by_type) <= {"count", "colour", "position", "yes/no"}
+    for figure in by_type.values():
+        if "plain" in figure:
+            assert _questions(figure["plain"]) + _questions(figure["refers_back"]) == figure["questions"]
+    first_ok = sum(turns[0]["ok"] for turns in conv["examples"])
+    assert conv["first_turn_exact_scene"]["accuracy"] == first_ok / 3
+    assert sum(t["ok"] for turns in conv["examples"] for t in turns[1:]) == round(follow_ups["all"]["accuracy"] * 9)
+
+    rend = evaluate_renderer(nano_chat, num_scenes=4, batch_size=4, show_progress=False)
+    scenes = SyntheticShapesDataset(lambda image: image, num_samples=4, seed=1)
+    three = sum(len(other_scene(scenes, i)[0]) == 3 for i in range(4))
+    assert rend["exact_scene"]["questions"] == 4 and rend["exact_scene_three_shapes"]["questions"] == three
+    assert 0.0 <= rend["exact_scene_three_shapes"]["accuracy"] <= 1.0 and len(rend["examples"]) == 4
+
+
+def test_cli_keeps_the_single_protocol_keys_on_top(monkeypatch, capsys):
+    """``scripts/train_nano.sh`` and ``tests/test_nano.py`` read the single protocol's keys at the top."""
+    single = {"scenes": 2, "seed": 1, "exact_scene_accuracy": 0.5, "counting_accuracy": 1.0, "colour_accuracy": 0.0, "examples": []}
+    monkeypatch.setattr("minigpt4.chat.load_chat", lambda *args, **kwargs: "chat")
+    monkeypatch.setattr(eval_shapes, "evaluate", lambda chat, n, *args: dict(single, scenes=n))
+    monkeypatch.setattr(eval_shapes, "evaluate_conversations", lambda chat, n, *args: {"scenes": n})
+    monkeypatch.setattr(eval_shapes, "evaluate_renderer", lambda chat, n, *args: {"scenes": n})
+    result = eval_shapes.main(["-n", "2"])
+    assert json.loads(capsys.readouterr().out) == result
+    assert result == {**single, "single": single, "conversation": {"scenes": 2}, "renderer": {"scenes": 2}}
+    assert eval_shapes.main(["-n", "3", "--protocol", "renderer"]) == {"renderer": {"scenes": 3}}
