@@ -44,7 +44,7 @@ train() {  # config, output dir, extra options...
     "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,describe,describe,describe,count,colour,where]" \
     run.init_lr=5e-5 run.min_lr=5e-6 run.warmup_steps=10 run.max_epoch=1 run.iters_per_epoch=800
 
-"$PYTHON" -m minigpt4.models.export --cfg-path train_configs/minigpt4_nano_stage2.yaml \
+"$PYTHON" -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2.yaml \
     --out "$OUT/minigpt4_nano.pth" --options "model.ckpt=[$S0,$S2E]" "${extra[@]}"
-"$PYTHON" -m minigpt4.tasks.eval_shapes -n "${EVAL_N:-200}" --options "model.ckpt=$(realpath "$OUT/minigpt4_nano.pth")" "${extra[@]}" | tee "$OUT/eval.json"
+"$PYTHON" -m minigpt4.apps.eval_shapes -n "${EVAL_N:-200}" --options "model.ckpt=$(realpath "$OUT/minigpt4_nano.pth")" "${extra[@]}" | tee "$OUT/eval.json"
 echo "weights: $OUT/minigpt4_nano.pth (copy to minigpt4/weights/ to ship them)"

@@ -1,4 +1,4 @@
-"""dataset/make_stage2_data.py (logic in minigpt4/datasets/stage2_data.py) on the tiny model, then a
+"""dataset/make_stage2_data.py (logic in minigpt4/apps/stage2_data.py) on the tiny model, then a
 short fine-tune on what it made, whose checkpoint loads in Chat."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import REF, tiny_model_section
 from minigpt4.chat import load_chat
-from minigpt4.datasets import stage2_data as s2
+from minigpt4.apps import stage2_data as s2
 from minigpt4.models import MiniGPT4
 from train_fixtures import load_train_module
 

@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO
 from minigpt4.common.utils import LIBRARY_ROOT
-from minigpt4.tasks.eval_shapes import evaluate
+from minigpt4.apps.eval_shapes import evaluate
 
 WEIGHTS = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
 

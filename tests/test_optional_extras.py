@@ -25,8 +25,8 @@ COMMANDS = {
     "train.py": ("import runpy; runpy.run_path('train.py', run_name='train')", set()),
     "dataset/make_stage2_data.py": ("import runpy; runpy.run_path('dataset/make_stage2_data.py', run_name='make_stage2_data')", set()),
     "minigpt4.chat": ("import minigpt4.chat", set()),
-    "minigpt4.tasks.eval_shapes": ("import minigpt4.tasks.eval_shapes", set()),
-    "minigpt4.models.export": ("import minigpt4.models.export", set()),
+    "minigpt4.apps.eval_shapes": ("import minigpt4.apps.eval_shapes", set()),
+    "minigpt4.apps.export": ("import minigpt4.apps.export", set()),
 }
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from minigpt4.common.config import ConfigError
-from minigpt4.common.feature_cache import FeatureCache, vision_fingerprint
+from minigpt4.common.feature_cache import vision_fingerprint
 from minigpt4.common.registry import registry
 from minigpt4.common.utils import get_abs_path, load_state_dict_file, resolve_file, unwrap_state_dict
 from minigpt4.models.base_model import BaseModel
@@ -195,8 +195,6 @@ class MiniGPT4(BaseModel):
         self.logits_on_all_positions = logits_on_all_positions
         self.pack_sequences = pack_sequences
         self.bos_prefix: list[int] = llama_tokenizer("", add_special_tokens=True).input_ids
-        # set by the runner (run.feature_cache): vision features read from disk where cached
-        self.feature_cache: FeatureCache | None = None
 
         # Frozen parts: no gradients, and eval mode (dropout off) even after .train().
         self._frozen: list[nn.Module] = [self.llama_model]
@@ -338,14 +336,11 @@ class MiniGPT4(BaseModel):
 
         Per sample: ``[bos] + wrapped input + answer tokens + the input's padding``; labels are
         -100 everywhere but on the answer's (non-pad) tokens. ``samples["image_features"]``
-        (from ``vision_features``), when present, stands in for ``samples["image"]``; so do the
-        ``feature_cache``'s entries for ``samples["image_key"]``.
+        (from ``vision_features``: precomputed, or the runner's ``run.feature_cache``), when
+        present, stands in for ``samples["image"]``.
         """
         if "image_features" in samples:
             img_embeds, img_atts = self.project_features(samples["image_features"])
-        elif self.feature_cache is not None and "image_key" in samples:
-            features = self.feature_cache.features(samples["image_key"], samples["image"], self.vision_features)
-            img_embeds, img_atts = self.project_features(features)
         else:
             img_embeds, img_atts = self.encode_img(samples["image"])
         cond_embeds, cond_atts = self.prompt_wrap(img_embeds, img_atts, self._instruction(samples))

@@ -133,6 +133,7 @@ class RunnerBase:
         self.use_scaler = self.use_amp and self.amp_dtype == torch.float16
 
         self.feature_cache_dir = Path(run.feature_cache) if run.feature_cache else None
+        self.feature_cache: FeatureCache | None = None
         self.train_loader = self._build_train_loader()
         self.iters_per_epoch = self._iters_per_epoch()
         # placed (and DDP-wrapped) before the optimizer sees the parameters: fused AdamW needs them on the GPU
@@ -160,7 +161,7 @@ class RunnerBase:
             self._require(model, "compile_blocks", "run.compile")
             model.compile_blocks()
         if self.feature_cache_dir is not None:
-            model.feature_cache = self._build_feature_cache(model)
+            self.feature_cache = self._build_feature_cache(model)
         if not self.dist.distributed:
             return model
         # frozen weights are loaded from the same files on every rank: skip DDP's broadcast of
@@ -205,6 +206,14 @@ class RunnerBase:
         cache = FeatureCache(self.feature_cache_dir, fingerprint)
         logger.info("run.feature_cache: %s (vision fingerprint %s)", cache.root, fingerprint[:12])
         return cache
+
+    def _with_cached_features(self, samples: dict[str, Any]) -> dict[str, Any]:
+        """The batch with its frozen vision features (read from the cache, computed and stored
+        where missing) as ``image_features``: the model reads them like precomputed features and
+        never knows a cache exists."""
+        with torch.no_grad():
+            features = self.feature_cache.features(samples["image_key"], samples["image"], self.unwrap_model().vision_features)
+        return {**samples, "image_features": features}
 
     def _iters_per_epoch(self) -> int:
         if self.run_cfg.iters_per_epoch:
@@ -275,6 +284,8 @@ class RunnerBase:
             sync = contextlib.nullcontext() if last_micro_step or not self.dist.distributed else model.no_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                    if self.feature_cache is not None:
+                        samples = self._with_cached_features(samples)
                     loss = self.task.train_step(model, samples)
                 self.scaler.scale(loss / self.accum_grad_iters).backward()
             if last_micro_step:
@@ -307,7 +318,7 @@ class RunnerBase:
         stats = metrics.global_avg()
         stats["loss"] = dist_utils.all_reduce_mean(stats.get("loss", float("nan")), self.device)
         stats["broken_samples"] = self.train_loader.broken
-        cache = getattr(self.unwrap_model(), "feature_cache", None)
+        cache = self.feature_cache
         if cache is not None:
             logger.info("run.feature_cache: %d images read from the cache, %d computed so far", cache.hits, cache.misses)
             stats["feature_cache_hits"], stats["feature_cache_misses"] = cache.hits, cache.misses

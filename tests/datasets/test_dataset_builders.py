@@ -80,7 +80,7 @@ def test_shards_without_webdataset_say_what_to_install(tmp_path, monkeypatch):
 def test_chat_and_the_nano_evaluation_import_without_the_train_and_demo_extras():
     blocked = "import sys; sys.modules.update(webdataset=None, gradio=None, bitsandbytes=None, playwright=None)"
     run = subprocess.run(
-        [sys.executable, "-c", f"{blocked}; import minigpt4, minigpt4.chat, minigpt4.tasks.eval_shapes, minigpt4.models.export"],
+        [sys.executable, "-c", f"{blocked}; import minigpt4, minigpt4.chat, minigpt4.apps.eval_shapes, minigpt4.apps.export"],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )
     assert run.returncode == 0, run.stderr

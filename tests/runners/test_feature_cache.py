@@ -37,7 +37,7 @@ def test_cached_training_equals_uncached_and_reads_every_image_after_the_first_p
     cached = run(train, write_yaml, stage2_config(align_dir, tmp_path / "cached", feature_cache=str(cache_dir), **settings))
 
     torch.testing.assert_close(losses(cached), losses(plain), rtol=1e-5, atol=1e-6)
-    cache = cached.unwrap_model().feature_cache
+    cache = cached.feature_cache
     assert (cache.misses, cache.hits) == (6, 6)
     entries = sorted(cache_dir.glob("*/*.pt"))
     assert len(entries) == 6 and not list(cache_dir.rglob("*.tmp"))
@@ -48,7 +48,7 @@ def test_cached_training_equals_uncached_and_reads_every_image_after_the_first_p
 
     # A new run on the same folder computes nothing, and trains the same.
     again = run(train, write_yaml, stage2_config(align_dir, tmp_path / "again", feature_cache=str(cache_dir), **settings))
-    assert (again.unwrap_model().feature_cache.misses, again.unwrap_model().feature_cache.hits) == (0, 12)
+    assert (again.feature_cache.misses, again.feature_cache.hits) == (0, 12)
     torch.testing.assert_close(losses(again), losses(plain), rtol=1e-5, atol=1e-6)
 
 

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from minigpt4.datasets.datasets.synthetic_shapes import COLOURS, PROMPT_KINDS, Shape, SyntheticShapesDataset, ask, describe
-from minigpt4.tasks import eval_shapes
-from minigpt4.tasks.eval_shapes import (
+from minigpt4.apps import eval_shapes
+from minigpt4.apps.eval_shapes import (
     OTHER_SHADES,
     OTHER_SIZES,
     conversation_figures,

@@ -1,6 +1,6 @@
 """Score a MiniGPT-4 on held-out synthetic scenes through the public ``Chat`` API.
 
-    python -m minigpt4.tasks.eval_shapes --cfg-path eval_configs/minigpt4_nano_eval.yaml -n 200 --protocol all
+    python -m minigpt4.apps.eval_shapes --cfg-path eval_configs/minigpt4_nano_eval.yaml -n 200 --protocol all
 
 Three protocols, each printed as a section of one JSON line:
 

@@ -1,6 +1,6 @@
 """Write everything of a configured MiniGPT-4 but its LLM into one ``{"model": ...}`` checkpoint.
 
-    python -m minigpt4.models.export --cfg-path train_configs/minigpt4_nano_stage2.yaml \
+    python -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2.yaml \
         --out minigpt4/weights/minigpt4_nano.pth
 
 Used to ship the nano model: its stage-0 vision weights and its trained ``llama_proj`` come from
