@@ -195,7 +195,7 @@ def save_fp16_llm(folder: Path, device: torch.device, tiny: bool) -> float:
     common.write_llm_folder(folder, tiny=tiny)
     torch.manual_seed(0)
     with torch.device(device):
-        llm = load_llm(str(folder), torch_dtype="float16", load_weights=False)
+        llm = load_llm({"llama_model": str(folder), "torch_dtype": "float16"}, load_weights=False)
     llm.save_pretrained(folder, max_shard_size="4GB")
     del llm
     common.free_memory()

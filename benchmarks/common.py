@@ -37,8 +37,7 @@ LLAMA_7B = dict(
 LLAMA_TINY = dict(
     vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024
 )
-TINY_VIT = {"embed_dim": 48, "depth": 2, "num_heads": 4}
-TINY_QFORMER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+from minigpt4.common.tiny import TINY_QFORMER, TINY_VIT  # noqa: E402  (shared with the tests)
 WORDS = (
     "the a an of in on to with and is are red green blue yellow small large picture image photo man woman dog cat "
     "street tree sky building car people sitting standing holding looking white black wooden table window water"

@@ -13,6 +13,7 @@ import atexit
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -35,8 +36,14 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 REF = TESTS / "data" / "fidelity_reference"
 
-TINY_VIT = {"embed_dim": 48, "depth": 2, "num_heads": 4}
-TINY_QFORMER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+from minigpt4.common.tiny import TINY_QFORMER, TINY_VIT  # noqa: E402
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_model_section(variant: str = "vicuna0", **overrides) -> dict:

@@ -74,12 +74,11 @@ def test_chat_names_a_bad_image(tiny_models, tmp_path):
     ],
 )
 def test_arguments_are_checked_before_the_model_loads(args, message):
-    start = time.monotonic()
     run = subprocess.run(cli(*args), input="", capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith(message)
-    assert "Traceback" not in run.stderr and "Initializing" not in run.stderr and "ready on" not in run.stderr
-    assert time.monotonic() - start < 30  # no model was loaded (the nano default takes longer)
+    # no model was loaded: load_chat logs "model ... ready on <device>" once it has one
+    assert "Traceback" not in run.stderr and "ready on" not in run.stderr and "converting" not in run.stderr
 
 
 def test_demo_checks_its_config_path_before_loading():
@@ -180,10 +179,6 @@ def test_caption_folder_in_process_matches_one_at_a_time(tiny_models, tiny_image
 ])
 def test_eval_configs_are_the_originals(name, model_type, end_sym, template):
     from minigpt4.common.config import Config
-    from minigpt4.common.registry import registry
-
-    if "cc_sbu_align" not in registry.list_names("builder"):
-        pytest.skip("the cc_sbu_align dataset builder is not registered yet")
     cfg = Config(cfg_path=str(REPO / "eval_configs" / name))
     model = cfg.model_cfg
     assert (model.arch, model.model_type, model.max_txt_len, model.end_sym) == ("mini_gpt4", model_type, 160, end_sym)

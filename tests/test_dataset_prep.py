@@ -55,7 +55,7 @@ def test_default_input_name_and_missing_file(tmp_path):
 
 
 def test_laion_parquet_columns(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # the test extra installs it: img2dataset's LAION metadata is parquet
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"URL": ["http://b.example/1.jpg", None], "TEXT": ["a red car", "lost"]}), tmp_path / "part.parquet")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,18 +11,12 @@ from pathlib import Path
 import pytest
 
 from browser_page import ARTIFACTS, CHROMIUM, DemoPage, launch_chromium
-from conftest import REF, REPO, tiny_model_section
+from conftest import REF, REPO, free_port, tiny_model_section
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_demo(tmp_path_factory, *args: str):

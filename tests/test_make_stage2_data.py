@@ -103,7 +103,10 @@ def test_the_tiny_model_describes_a_folder_batched_with_continuations(chat, imag
     lines = rows(raw)
     assert [r["image"] for r in lines] == ["broken.jpg", "img0.jpg", "img1.jpg", "img2.jpg", "more/d.png"]
     assert "not an image" in lines[0]["error"]
-    assert all(r["continuations"] == 1 and isinstance(r["answer"], str) for r in lines[1:])
+    assert all(r["continuations"] == 1 and r["answer"] for r in lines[1:])
+    # each line is what the chat says of that image: the first answer, then its continuation
+    first = answer_batch([image_dir / "img0.jpg"], s2.DESCRIBE_QUESTION, **FAST)[0]
+    assert lines[1]["answer"].startswith(first)
     assert calls == {"batch": [2, 2], "continue": 4}  # broken.jpg dropped from the first batch of 3
 
 
@@ -140,8 +143,12 @@ def test_polish_with_a_local_llm_without_a_chat_template():
     assert not polisher.use_chat_template
     prompt = polisher.prompt("A red box. A red box.")
     assert prompt.startswith(s2.POLISH_INSTRUCTION) and "A red box. A red box." in prompt
-    out = polisher(["A red box. A red box.", "blue", "A green square on a white background."])
-    assert len(out) == 3 and all(isinstance(text, str) for text in out)
+    texts = ["A red box. A red box.", "blue", "A green square on a white background."]
+    out = polisher(texts)
+    # a batch (left-padded) says what each text alone says, and only the new tokens come back
+    assert out == [polisher([text])[0] for text in texts]
+    assert not any(s2.POLISH_INSTRUCTION[:30] in text for text in out)
+    assert any(out)  # the tiny LLM writes something
 
 
 def test_polish_uses_the_chat_template_when_there_is_one(sp_llama_dir, tmp_path):
@@ -153,7 +160,9 @@ def test_polish_uses_the_chat_template_when_there_is_one(sp_llama_dir, tmp_path)
     polisher = s2.Polisher(folder, max_new_tokens=3)
     assert polisher.use_chat_template
     assert polisher.prompt("the red box") == f"<s>USER: {s2.POLISH_INSTRUCTION}\n\nthe red box\nASSISTANT:"
-    assert len(polisher(["the red box", "a blue circle"])) == 2
+    out = polisher(["the red box", "a blue circle"])
+    assert out == [polisher(["the red box"])[0], polisher(["a blue circle"])[0]]
+    assert not any("USER:" in text or "ASSISTANT:" in text for text in out)  # the template is not echoed
 
 
 # ---- filter ------------------------------------------------------------------------------------
@@ -227,4 +236,7 @@ def test_make_data_then_finetune_then_chat(eval_cfg, image_dir, tmp_path, monkey
     chat = load_chat(eval_cfg, options=[f"model.ckpt={ckpt}"])
     assert torch.equal(chat.model.llama_proj.weight.cpu(), saved["llama_proj.weight"])
     [reply] = chat.answer_batch([image_dir / kept[0]["image"]], "Describe this image in detail.", **FAST)
-    assert isinstance(reply, str)
+    conv, img_list = chat.new_conversation(), []
+    chat.upload_img(image_dir / kept[0]["image"], conv, img_list)
+    chat.ask("Describe this image in detail.", conv)
+    assert reply == chat.answer(conv, img_list, **FAST)[0]  # captioning and chat give the fine-tuned model's answer

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, free_port
 from minigpt4.common.utils import LIBRARY_ROOT
 from minigpt4.apps.eval_shapes import evaluate
 
@@ -47,12 +46,6 @@ def test_nano_describes_held_out_scenes(nano_chat):
     # The figures the committed weights reach on 200 scenes are in docs/nano.md.
     assert result["exact_scene_accuracy"] >= MIN_EXACT, result
     assert result["counting_accuracy"] >= MIN_COUNTING, result
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_demo_without_arguments_serves_the_nano_model(smollm2_dir, tmp_path):

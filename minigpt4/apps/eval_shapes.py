@@ -38,6 +38,7 @@ from minigpt4.datasets.datasets.synthetic_shapes import (
     Turn,
     conversation,
     describe,
+    draw_shape,
     parse_objects,
     questions,
 )
@@ -246,15 +247,7 @@ def render_other(scene: Sequence[Shape], image_size: int, rng: random.Random) ->
     img = Image.new("RGB", (big, big), "white")
     draw = ImageDraw.Draw(img)
     for s in scene:
-        fill = rng.choice(list(OTHER_SHADES[s.colour].values()))
-        half = s.size * big / 2
-        x, y = s.cx * big, s.cy * big
-        if s.shape == "circle":
-            draw.ellipse([x - half, y - half, x + half, y + half], fill=fill)
-        elif s.shape == "square":
-            draw.rectangle([x - half, y - half, x + half, y + half], fill=fill)
-        else:
-            draw.polygon([(x, y - half), (x - half, y + half), (x + half, y + half)], fill=fill)
+        draw_shape(draw, s, big, rng.choice(list(OTHER_SHADES[s.colour].values())))
     return img.resize((image_size, image_size), Image.LANCZOS)
 
 

@@ -9,6 +9,7 @@ starts with the key path (``model.max_txt_len: ...``).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from minigpt4.common.registry import RegistryError, registry
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -143,6 +146,57 @@ class GenerationConfig:
     length_penalty: float = 1.0
 
 
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+# Values a key may take, checked when the config loads (section -> key -> choices).
+CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "model": {
+        "attn_implementation": ("sdpa", "eager"),
+        "vit_precision": ("fp16", "bf16", "fp32"),
+        "torch_dtype": DTYPE_NAMES,
+        "autocast_dtype": DTYPE_NAMES,
+    },
+    "run": {"amp_dtype": ("float16", "fp16", "bfloat16", "bf16")},
+}
+# Counts that must be at least 1 (None allowed where the schema says Optional).
+POSITIVE: dict[str, tuple[str, ...]] = {
+    "model": ("max_txt_len", "max_context_len", "num_query_token", "image_size"),
+    "run": ("max_epoch", "accum_grad_iters", "log_freq", "iters_per_epoch", "save_every_iters"),
+}
+# Keys of the original's YAMLs that this implementation accepts and does not act on.
+NOT_USED: dict[str, tuple[str, ...]] = {
+    "model": ("vit_model",),
+    "run": ("evaluate", "train_splits", "valid_splits", "test_splits", "gpu"),
+}
+
+
+def _check_values(section: str, cfg: DictConfig) -> None:
+    for key, choices in CHOICES.get(section, {}).items():
+        if cfg[key] not in choices:
+            raise ConfigError(f"{section}.{key}: '{cfg[key]}' is not one of {', '.join(choices)}")
+    for key in POSITIVE.get(section, ()):
+        if cfg[key] is not None and cfg[key] < 1:
+            raise ConfigError(f"{section}.{key}: must be at least 1, got {cfg[key]}")
+    if section == "run" and cfg.save_every_iters and cfg.save_every_iters % cfg.accum_grad_iters:
+        # a checkpoint between the micro-steps of one optimizer step could not resume exactly
+        raise ConfigError(f"run.save_every_iters: {cfg.save_every_iters} must be a multiple of run.accum_grad_iters ({cfg.accum_grad_iters})")
+
+
+def model_config(values: Any) -> DictConfig:
+    """A ``model`` section checked against :class:`ModelConfig` (types, choices, ranges), its
+    missing keys filled with the defaults written there: what ``from_config`` builds from."""
+    if isinstance(values, DictConfig) and OmegaConf.get_type(values) is ModelConfig:
+        return values
+    cfg = _validated("model", ModelConfig, values)
+    _check_values("model", cfg)
+    return cfg
+
+
+def run_config(values: Any) -> DictConfig:
+    cfg = _validated("run", RunConfig, values)
+    _check_values("run", cfg)
+    return cfg
+
+
 def _validated(section: str, schema: type, values: Any) -> DictConfig:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
@@ -203,7 +257,10 @@ class Config:
         env = _load_yaml(Path(registry.get_path("library_root")) / "configs" / "default.yaml", "configs/default.yaml")
         model, preprocess, generation = self._build_model_config(user)
         datasets = self._build_dataset_config(user)
-        run = _validated("run", RunConfig, user.get("run", {}))
+        run = run_config(user.get("run", {}))
+        not_used = [f"{name}.{key}" for name, keys in NOT_USED.items() for key in keys if key in (user.get(name) or {})]
+        if not_used:
+            logger.warning("%s: %s accepted as in the original's configs, but not used by this implementation", cfg_path, ", ".join(not_used))
         self.config: DictConfig = OmegaConf.merge(
             env,
             {"model": model, "preprocess": preprocess, "generation": generation, "datasets": datasets, "run": run},
@@ -233,7 +290,7 @@ class Config:
             known = ", ".join(sorted(model_cls.PRETRAINED_MODEL_CONFIG_DICT))
             raise ConfigError(f"model.model_type: unknown '{model_type}' for {arch}; known: {known}")
         defaults = _load_yaml(model_cls.default_config_path(model_type), f"model.model_type={model_type}")
-        model = _validated("model", ModelConfig, OmegaConf.merge(defaults.get("model", {}), section))
+        model = model_config(OmegaConf.merge(defaults.get("model", {}), section))
         preprocess = OmegaConf.merge(defaults.get("preprocess", {}), user.get("preprocess", {}))
         generation = _validated(
             "generation", GenerationConfig, OmegaConf.merge(defaults.get("generation", {}), user.get("generation", {}))

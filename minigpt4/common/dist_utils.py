@@ -112,20 +112,21 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def all_reduce_mean(value: float, device: torch.device) -> float:
+def _all_reduce(value: float, device: torch.device, dtype: torch.dtype, op: str) -> float:
+    """``value`` reduced over the ranks (``op``: "sum" or "max"); itself without torch.distributed."""
     if not is_dist_avail_and_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / get_world_size()
+    t = torch.tensor([value], dtype=dtype, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.item()
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    return _all_reduce(value, device, torch.float64, "sum") / get_world_size()
 
 
 def all_reduce_max(value: int, device: torch.device) -> int:
-    if not is_dist_avail_and_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(_all_reduce(value, device, torch.int64, "max"))
 
 
 def destroy_process_group() -> None:

@@ -18,7 +18,6 @@ from timm.models.eva import Eva
 
 logger = logging.getLogger(__name__)
 
-EVA_VIT_G_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth"
 
 # timm's eva_giant_patch14_clip_224 is this network with 40 blocks; MiniGPT-4 (via BLIP-2) drops
 # the last one. mlp_ratio 4.3637 gives int(1408 * 4.3637) = 6144 hidden units.

@@ -181,7 +181,7 @@ def _check_room(folder: Path, gguf: Path, need: int) -> None:
         )
 
 
-def load_llm_tokenizer(path: str | None, pad_token: str = "$$"):
+def load_llm_tokenizer(path: str | None, pad_token: str):
     from transformers import AutoTokenizer
 
     source = _check_source(path)
@@ -196,59 +196,46 @@ def load_llm_tokenizer(path: str | None, pad_token: str = "$$"):
     return tokenizer
 
 
-def load_llm(
-    path: str | None,
-    *,
-    torch_dtype: str = "float16",
-    low_resource: bool = False,
-    device_8bit: int = 0,
-    load_in_4bit: bool = False,
-    lora_r: int = 0,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.05,
-    lora_target_modules: list[str] | None = None,
-    load_weights: bool = True,
-    attn_implementation: str = "sdpa",
-) -> Any:
+def load_llm(cfg: Any, load_weights: bool = True) -> Any:
+    """The LLM of a ``model`` section (``llama_model``, ``torch_dtype``, 8/4-bit, LoRA, attention),
+    with random weights where ``load_weights`` is False."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    source = _check_source(path)
-    if torch_dtype not in DTYPES:
-        raise ConfigError(f"model.torch_dtype: '{torch_dtype}' is not one of {', '.join(DTYPES)}")
-    kwargs: dict[str, Any] = {"dtype": DTYPES[torch_dtype], "attn_implementation": attn_implementation}
-    quantized = low_resource or load_in_4bit
+    from minigpt4.common.config import model_config
+
+    cfg = model_config(cfg)
+    source = _check_source(cfg.llama_model)
+    dtype = DTYPES[cfg.torch_dtype]
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    quantized = cfg.low_resource or cfg.load_in_4bit
     if quantized:
         if not torch.cuda.is_available():
             raise ConfigError("model.low_resource/load_in_4bit: 8-bit and 4-bit LLMs need a CUDA GPU (bitsandbytes)")
         from transformers import BitsAndBytesConfig
 
-        if load_in_4bit:
-            qconfig = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_compute_dtype=DTYPES[torch_dtype], bnb_4bit_quant_type="nf4"
-            )
+        if cfg.load_in_4bit:
+            qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
         else:
             qconfig = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs.update(quantization_config=qconfig, device_map={"": device_8bit})
+        kwargs.update(quantization_config=qconfig, device_map={"": cfg.device_8bit})
     try:
         if load_weights:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(source), dtype=kwargs["dtype"], attn_implementation=attn_implementation
-            )
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=dtype, attn_implementation=cfg.attn_implementation)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{KEY}: cannot load an LLM from '{path}' ({err})") from err
+        raise ConfigError(f"{KEY}: cannot load an LLM from '{cfg.llama_model}' ({err})") from err
 
-    if lora_r > 0:
+    if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if quantized:
             model = prepare_model_for_kbit_training(model)
         lora = LoraConfig(
-            r=lora_r,
-            lora_alpha=lora_alpha,
-            target_modules=lora_target_modules or ["q_proj", "v_proj"],
-            lora_dropout=lora_dropout,
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            target_modules=list(cfg.lora_target_modules),
+            lora_dropout=cfg.lora_dropout,
             bias="none",
             task_type="CAUSAL_LM",
         )

@@ -16,21 +16,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from minigpt4.common.config import ConfigError
+from minigpt4.common.config import ConfigError, model_config
 from minigpt4.common.feature_cache import vision_fingerprint
 from minigpt4.common.registry import registry
 from minigpt4.common.utils import get_abs_path, load_state_dict_file, resolve_file, unwrap_state_dict
 from minigpt4.models.base_model import BaseModel
-from minigpt4.models.eva_vit import EVA_VIT_G_URL, VIT_PRECISIONS, build_eva_vit, convert_weights, eva_vit_key_map
-from minigpt4.models.qformer import BLIP2_FLANT5XXL_URL, build_qformer, qformer_key, qformer_key_map
+from minigpt4.models.eva_vit import VIT_PRECISIONS, build_eva_vit, convert_weights, eva_vit_key_map
+from minigpt4.models.qformer import build_qformer, qformer_key, qformer_key_map
 from minigpt4.prompts import IMAGE_PLACEHOLDER, load_prompt_list
 
 logger = logging.getLogger(__name__)
 
 # The Llama-2 variant has no Q-Former: it concatenates this many neighbouring patch tokens.
 PATCHES_PER_TOKEN = 4
-# "eager" is the original's attention (scores materialised) in the ViT, Q-Former and LLM.
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 # The widest row pack_sequences makes: attention over 512 tokens costs LLaMA-7B about 2% of its
 # matrix products (4 * 512 * 4096 FLOPs per token and layer against 2 * 202M).
 PACK_WIDTH = 512
@@ -41,14 +39,6 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.float()).to(x.dtype)
-
-
-def config_choice(cfg: Mapping[str, Any], key: str, choices: Sequence[str], default: str) -> str:
-    """``cfg[key]`` (or ``default``), which must be one of ``choices``."""
-    value = cfg.get(key, default)
-    if value not in choices:
-        raise ConfigError(f"model.{key}: '{value}' is not one of {', '.join(choices)}")
-    return value
 
 
 def embed_prompt(
@@ -163,17 +153,17 @@ class MiniGPT4(BaseModel):
         Qformer: nn.Module | None = None,
         query_tokens: nn.Parameter | None = None,
         *,
-        freeze_vit: bool = True,
-        freeze_qformer: bool = True,
-        prompt_list: Sequence[str] = (),
-        prompt_template: str = "",
-        max_txt_len: int = 32,
-        end_sym: str = "\n",
-        max_context_len: int = 3800,
-        low_resource: bool = False,
-        autocast_dtype: torch.dtype = torch.float16,
-        logits_on_all_positions: bool = False,
-        pack_sequences: bool = False,
+        freeze_vit: bool,
+        freeze_qformer: bool,
+        prompt_list: Sequence[str],
+        prompt_template: str,
+        max_txt_len: int,
+        end_sym: str,
+        max_context_len: int,
+        low_resource: bool,
+        autocast_dtype: torch.dtype,
+        logits_on_all_positions: bool,
+        pack_sequences: bool,
     ) -> None:
         super().__init__()
         self.visual_encoder = visual_encoder
@@ -414,26 +404,11 @@ class MiniGPT4(BaseModel):
         """
         from minigpt4.models.llm import load_llm, load_llm_tokenizer
 
-        get = cfg.get
-        attn_implementation = config_choice(cfg, "attn_implementation", ATTN_IMPLEMENTATIONS, "sdpa")
+        cfg = model_config(cfg)  # every key present, typed and checked; the defaults live in ModelConfig
         # The tokenizer first: a wrong llama_model fails in a second, not after the ViT's download.
-        llama_path = get("llama_model")
-        llama_tokenizer = load_llm_tokenizer(llama_path, get("pad_token", "$$"))
+        llama_tokenizer = load_llm_tokenizer(cfg.llama_model, cfg.pad_token)
         visual_encoder, ln_vision, Qformer, query_tokens = build_vision_parts(cfg, load_weights)
-        llama_model = load_llm(
-            llama_path,
-            torch_dtype=get("torch_dtype", "float16"),
-            low_resource=get("low_resource", False),
-            device_8bit=get("device_8bit", 0),
-            load_in_4bit=get("load_in_4bit", False),
-            lora_r=get("lora_r", 0),
-            lora_alpha=get("lora_alpha", 16),
-            lora_dropout=get("lora_dropout", 0.05),
-            lora_target_modules=list(get("lora_target_modules", ["q_proj", "v_proj"])),
-            load_weights=load_weights,
-            attn_implementation=attn_implementation,
-        )
-
+        llama_model = load_llm(cfg, load_weights=load_weights)
         model = cls(
             visual_encoder,
             ln_vision,
@@ -441,21 +416,21 @@ class MiniGPT4(BaseModel):
             llama_tokenizer,
             Qformer,
             query_tokens,
-            freeze_vit=get("freeze_vit", True),
-            freeze_qformer=get("freeze_qformer", True),
-            prompt_list=load_prompt_list(get("prompt_path"), get("prompt_template", "")),
-            prompt_template=get("prompt_template", ""),
-            max_txt_len=get("max_txt_len", 32),
-            end_sym=get("end_sym", "\n"),
-            max_context_len=get("max_context_len", 3800),
-            low_resource=get("low_resource", False),
-            autocast_dtype=getattr(torch, get("autocast_dtype", "float16")),
-            logits_on_all_positions=get("logits_on_all_positions", False),
-            pack_sequences=get("pack_sequences", False),
+            freeze_vit=cfg.freeze_vit,
+            freeze_qformer=cfg.freeze_qformer,
+            prompt_list=load_prompt_list(cfg.prompt_path, cfg.prompt_template),
+            prompt_template=cfg.prompt_template,
+            max_txt_len=cfg.max_txt_len,
+            end_sym=cfg.end_sym,
+            max_context_len=cfg.max_context_len,
+            low_resource=cfg.low_resource,
+            autocast_dtype=getattr(torch, cfg.autocast_dtype),
+            logits_on_all_positions=cfg.logits_on_all_positions,
+            pack_sequences=cfg.pack_sequences,
         )
-        if load_weights and get("ckpt"):
+        if load_weights and cfg.ckpt:
             # a list loads in order: e.g. the nano model's stage-0 vision weights, then stage 1's llama_proj
-            ckpts = [get("ckpt")] if isinstance(get("ckpt"), str) else list(get("ckpt"))
+            ckpts = [cfg.ckpt] if isinstance(cfg.ckpt, str) else list(cfg.ckpt)
             for i, ckpt in enumerate(ckpts):
                 key = "model.ckpt" if len(ckpts) == 1 else f"model.ckpt[{i}]"
                 model.load_checkpoint(ckpt, key, key_map=lavis_names_to_ours)
@@ -470,32 +445,30 @@ def build_vision_parts(
     Loads the LAVIS EVA and BLIP-2 files named by ``vit_ckpt``/``q_former_model`` (URL or path);
     ``Qformer``/``query_tokens`` are None when ``has_qformer`` is False.
     """
-    get = cfg.get
-    attn_implementation = config_choice(cfg, "attn_implementation", ATTN_IMPLEMENTATIONS, "sdpa")
-    vit_precision = config_choice(cfg, "vit_precision", list(VIT_PRECISIONS), "fp16")
+    cfg = model_config(cfg)
     # Files are fetched before the modules are built: a failed download costs no build time.
-    vit_ckpt = get("vit_ckpt", EVA_VIT_G_URL) if load_weights else None
+    vit_ckpt = cfg.vit_ckpt if load_weights else None
     vit_file = resolve_file(vit_ckpt, "model.vit_ckpt") if vit_ckpt else None
-    q_former_model = get("q_former_model", BLIP2_FLANT5XXL_URL) if load_weights and get("has_qformer", True) else None
+    q_former_model = cfg.q_former_model if load_weights and cfg.has_qformer else None
     q_former_file = resolve_file(q_former_model, "model.q_former_model") if q_former_model else None
     visual_encoder = build_eva_vit(
-        get("vit_config"),
-        img_size=get("image_size", 224),
-        drop_path_rate=get("drop_path_rate", 0.0),
-        use_grad_checkpoint=get("use_grad_checkpoint", False),
-        attn_implementation=attn_implementation,
+        cfg.vit_config,
+        img_size=cfg.image_size,
+        drop_path_rate=cfg.drop_path_rate,
+        use_grad_checkpoint=cfg.use_grad_checkpoint,
+        attn_implementation=cfg.attn_implementation,
     )
     if vit_file is not None:
         state = unwrap_state_dict(load_state_dict_file(vit_file, "model.vit_ckpt"))
         _load_part(visual_encoder, eva_vit_key_map(state, visual_encoder), "model.vit_ckpt")
-    if vit_precision != "fp32":
-        convert_weights(visual_encoder, VIT_PRECISIONS[vit_precision])
+    if cfg.vit_precision != "fp32":
+        convert_weights(visual_encoder, VIT_PRECISIONS[cfg.vit_precision])
     ln_vision = LayerNorm(visual_encoder.num_features)
-    if not get("has_qformer", True):
+    if not cfg.has_qformer:
         return visual_encoder, ln_vision, None, None
 
-    Qformer = build_qformer(visual_encoder.num_features, get("qformer_config"), attn_implementation)
-    query_tokens = nn.Parameter(torch.zeros(1, get("num_query_token", 32), Qformer.config.hidden_size))
+    Qformer = build_qformer(visual_encoder.num_features, cfg.qformer_config, cfg.attn_implementation)
+    query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_token, Qformer.config.hidden_size))
     query_tokens.data.normal_(mean=0.0, std=Qformer.config.initializer_range)
     if q_former_file is not None:
         # ln_vision is read from this file too, and only when there is a Q-Former:

@@ -12,9 +12,6 @@ from typing import Any, Mapping
 import torch
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-BLIP2_FLANT5XXL_URL = (
-    "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/blip2_pretrained_flant5xxl.pth"
-)
 
 # bert-base-uncased as LAVIS configures it for BLIP-2, written out so nothing is fetched.
 BERT_BASE_QFORMER = dict(

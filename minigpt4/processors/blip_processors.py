@@ -16,8 +16,13 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class BlipImageBaseProcessor(BaseProcessor):
+    """A torchvision pipeline ending in CLIP's normalisation; subclasses set ``self.transform``."""
+
     def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         self.normalize = transforms.Normalize(mean or OPENAI_CLIP_MEAN, std or OPENAI_CLIP_STD)
+
+    def __call__(self, image):
+        return self.transform(image)
 
 
 @registry.register_processor("blip_caption")
@@ -57,9 +62,6 @@ class Blip2ImageTrainProcessor(BlipImageBaseProcessor):
             ]
         )
 
-    def __call__(self, image):
-        return self.transform(image)
-
 
 @registry.register_processor("blip2_image_eval")
 class Blip2ImageEvalProcessor(BlipImageBaseProcessor):
@@ -72,6 +74,3 @@ class Blip2ImageEvalProcessor(BlipImageBaseProcessor):
                 self.normalize,
             ]
         )
-
-    def __call__(self, image):
-        return self.transform(image)

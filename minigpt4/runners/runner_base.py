@@ -115,15 +115,9 @@ class RunnerBase:
 
         run = self.run_cfg
         self.max_epoch = int(run.max_epoch)
+        # run.* values were checked when the config loaded (minigpt4.common.config.run_config)
         self.accum_grad_iters = int(run.accum_grad_iters)
-        if self.accum_grad_iters < 1:
-            raise ConfigError(f"run.accum_grad_iters: must be >= 1, got {self.accum_grad_iters}")
         self.save_every_iters = int(run.save_every_iters or 0)
-        if self.save_every_iters % self.accum_grad_iters:
-            # a checkpoint between two micro-batches would lose the accumulated gradient
-            raise ConfigError(f"run.save_every_iters: {self.save_every_iters} must be a multiple of run.accum_grad_iters ({self.accum_grad_iters})")
-        if run.amp_dtype not in AMP_DTYPES:
-            raise ConfigError(f"run.amp_dtype: unknown '{run.amp_dtype}'; one of {', '.join(AMP_DTYPES)}")
         self.amp_dtype = AMP_DTYPES[run.amp_dtype]
         self.use_amp = bool(run.amp)
         if self.use_amp and self.device.type == "cpu" and self.amp_dtype == torch.float16:
@@ -139,7 +133,7 @@ class RunnerBase:
         # placed (and DDP-wrapped) before the optimizer sees the parameters: fused AdamW needs them on the GPU
         self._model = model
         self.model = self._place(model)
-        self.optimizer = build_optimizer(self.unwrap_model(), run.init_lr, run.weight_decay, run.get("beta2", 0.999))
+        self.optimizer = build_optimizer(self.unwrap_model(), run.init_lr, run.weight_decay, run.beta2)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
         self.lr_scheduler = self._build_lr_scheduler()
         self.start_epoch, self.start_iter = 0, 0
@@ -236,8 +230,8 @@ class RunnerBase:
             min_lr=float(run.min_lr),
             init_lr=float(run.init_lr),
             decay_rate=run.lr_decay_rate if run.lr_decay_rate is not None else 1,
-            warmup_start_lr=float(run.get("warmup_lr", -1)),
-            warmup_steps=int(run.get("warmup_steps", 0)),
+            warmup_start_lr=float(run.warmup_lr),
+            warmup_steps=int(run.warmup_steps),
         )
 
     # ---- the loop -------------------------------------------------------------------------------

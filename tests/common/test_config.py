@@ -50,6 +50,13 @@ def test_to_dict_is_plain_and_round_trips(write_yaml):
         ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna0"}, "trainig": {}}, None, r"trainig: unknown section"),
         ({"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna0"}}, ["model.max_txt_len"], r"--options: 'model.max_txt_len' is not of the form key=value"),
         ({"model": {"arch": "mini_gpt4", "model_type": "nano"}, "generation": {"temprature": 0.7}}, None, r"generation\.temprature: unknown key"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "nano", "attn_implementation": "flash"}}, None, r"model\.attn_implementation: 'flash' is not one of sdpa, eager"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "nano", "vit_precision": "fp8"}}, None, r"model\.vit_precision: 'fp8' is not one of fp16, bf16, fp32"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "nano", "torch_dtype": "half"}}, None, r"model\.torch_dtype: 'half' is not one of"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "nano"}, "run": {"amp_dtype": "fp8"}}, None, r"run\.amp_dtype: 'fp8' is not one of"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "nano"}, "run": {"accum_grad_iters": 0}}, None, r"run\.accum_grad_iters: must be at least 1, got 0"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "nano"}, "run": {"save_every_iters": 0}}, None, r"run\.save_every_iters: must be at least 1"),
+        ({"model": {"arch": "mini_gpt4", "model_type": "nano"}, "run": {"accum_grad_iters": 2, "save_every_iters": 3}}, None, r"run\.save_every_iters: 3 must be a multiple of run\.accum_grad_iters \(2\)"),
         ({"model": {"arch": "mini_gpt4", "model_type": "nano"}, "generation": {"max_new_tokens": 0}}, None, r"generation\.max_new_tokens: must be at least 1"),
         ({"model": {"arch": "mini_gpt4", "model_type": "nano"}, "generation": {"temperature": 0}}, None, r"generation\.temperature must be > 0.*greedy: do_sample: False"),
     ],
@@ -76,3 +83,27 @@ def test_decoding_defaults_come_from_the_config(write_yaml):
     assert nano.do_sample is False and nano.max_new_tokens == 100
     mine = load(write_yaml, {"model": {"arch": "mini_gpt4", "model_type": "nano"}, "generation": {"do_sample": True, "temperature": 0.3}})
     assert mine.generation_cfg.do_sample is True and mine.generation_cfg.temperature == 0.3
+
+
+def test_keys_of_the_originals_configs_that_do_nothing_here_are_named_in_one_warning(write_yaml, caplog):
+    original = {"model": {"arch": "mini_gpt4", "model_type": "nano", "vit_model": "eva_clip_g"},
+                "run": {"evaluate": False, "train_splits": ["train"], "gpu": 0}}
+    with caplog.at_level("WARNING", logger="minigpt4.common.config"):
+        load(write_yaml, original)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "model.vit_model, run.evaluate, run.train_splits, run.gpu" in warnings[0] and "not used" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="minigpt4.common.config"):
+        load(write_yaml, {"model": {"arch": "mini_gpt4", "model_type": "nano"}})
+    assert not caplog.records
+
+
+def test_from_config_reads_the_defaults_written_once_in_model_config():
+    from minigpt4.common.config import ModelConfig, model_config
+
+    cfg = model_config({"llama_model": "/x"})
+    assert cfg.max_txt_len == ModelConfig.max_txt_len and cfg.pad_token == "$$" and cfg.attn_implementation == "sdpa"
+    assert model_config(cfg) is cfg  # a validated section passes through
+    with pytest.raises(ConfigError, match=r"model\.num_query_token: must be at least 1, got 0"):
+        model_config({"num_query_token": 0})

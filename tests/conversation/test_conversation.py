@@ -205,7 +205,7 @@ def test_stop_words_are_every_spelling_of_the_stop_sign(chats, sp_llama_dir):
     assert (ids["#"], ids["▁##"]) not in stops  # "# ##" is not the stop sign
     assert stops - {(2,)} == brute_force_stops(reference)
     # Another vocabulary, trained in the test: its own ids, found the same way.
-    other = load_llm_tokenizer(str(sp_llama_dir))
+    other = load_llm_tokenizer(str(sp_llama_dir), "$$")
     assert stop_sequences(other) == brute_force_stops(other)
 
 

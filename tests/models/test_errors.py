@@ -22,7 +22,7 @@ def test_missing_llm_folder(tmp_path):
 
 def test_hub_id_offline_says_which_key(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match=r"model\.llama_model: cannot load a tokenizer from 'lmsys/no-such-model'"):
+    with pytest.raises(ConfigError, match=r"model\.llama_model: 'lmsys/no-such-model' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         MiniGPT4.from_config(tiny_model_section(llama_model="lmsys/no-such-model"))
 
 

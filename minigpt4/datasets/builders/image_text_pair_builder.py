@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Callable
 
 from minigpt4.common.registry import registry
-from minigpt4.common.utils import get_abs_path
 from minigpt4.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from minigpt4.datasets.data_utils import DatasetError
 from minigpt4.datasets.datasets import CCSBUAlignDataset, ImageTextShards
@@ -61,11 +60,7 @@ class CCSBUAlignBuilder(BaseDatasetBuilder):
     text_processor_required = False  # captions are used raw
 
     def build(self, vis_processor: Callable, text_processor: Callable | None) -> CCSBUAlignDataset:
-        key = self.key("build_info", "storage")
-        root = get_abs_path(self.storage())
-        if not root.is_dir():
-            raise DatasetError(f"{key}: no such folder '{self.storage()}'")
-        return CCSBUAlignDataset(root, vis_processor, text_processor, location=key)
+        return CCSBUAlignDataset(self.storage_folder(), vis_processor, text_processor, location=self.key("build_info", "storage"))
 
 
 @registry.register_builder("synthetic_shapes")

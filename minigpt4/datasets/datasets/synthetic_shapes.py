@@ -96,15 +96,20 @@ def render(scene: Sequence[Shape], image_size: int, rng: random.Random) -> Image
     for s in scene:
         # a few shades per colour, so the colour names a range rather than one RGB value
         fill = tuple(max(0, min(255, v + rng.randint(-25, 25))) for v in COLOURS[s.colour])
-        half = s.size * image_size / 2
-        x, y = s.cx * image_size, s.cy * image_size
-        if s.shape == "circle":
-            draw.ellipse([x - half, y - half, x + half, y + half], fill=fill)
-        elif s.shape == "square":
-            draw.rectangle([x - half, y - half, x + half, y + half], fill=fill)
-        else:
-            draw.polygon([(x, y - half), (x - half, y + half), (x + half, y + half)], fill=fill)
+        draw_shape(draw, s, image_size, fill)
     return img
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, s: Shape, side: float, fill: tuple[int, int, int]) -> None:
+    """``s`` on a canvas ``side`` pixels wide: a disc, a square or an upward triangle in its box."""
+    half = s.size * side / 2
+    x, y = s.cx * side, s.cy * side
+    if s.shape == "circle":
+        draw.ellipse([x - half, y - half, x + half, y + half], fill=fill)
+    elif s.shape == "square":
+        draw.rectangle([x - half, y - half, x + half, y + half], fill=fill)
+    else:
+        draw.polygon([(x, y - half), (x - half, y + half), (x + half, y + half)], fill=fill)
 
 
 def _a(name: str) -> str:
