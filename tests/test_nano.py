@@ -70,6 +70,7 @@ def test_demo_without_arguments_serves_the_nano_model(smollm2_dir, tmp_path):
         proc.wait(timeout=30)
 
 
+@pytest.mark.e2e
 def test_train_nano_script_runs_every_stage_from_nothing_then_resumes(tmp_path, smollm2_dir):
     """``scripts/train_nano.sh`` at 2 iterations an epoch: stages 0, 1, 2, 2d, 2e, the export and the
     score; a second run finds every stage finished and trains nothing."""

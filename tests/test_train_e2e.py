@@ -52,6 +52,7 @@ def test_help_needs_no_gpu():
     assert proc.returncode == 0 and "--cfg-path" in proc.stdout and "--resume" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_stage1_then_stage2(shards, write_yaml, tmp_path):
     stage1 = stage1_config(shards, tmp_path / "s1", batch_size=3, iters_per_epoch=8, max_epoch=2)
     train(write_yaml(stage1))
@@ -77,6 +78,7 @@ def test_stage1_then_stage2(shards, write_yaml, tmp_path):
     assert torch.equal(start["llama_proj.weight"], weights(ckpt1)["llama_proj.weight"])
 
 
+@pytest.mark.e2e
 def test_torchrun_two_cpu_processes_equal_one_with_the_doubled_batch(write_yaml, tmp_path):
     align = write_align_folder(tmp_path / "align", n=10, captions=["a box on a white background"])
     common = dict(iters_per_epoch=3, max_epoch=1, prompt_path=str(REF / "prompt_one.txt"))
@@ -94,6 +96,7 @@ def test_torchrun_two_cpu_processes_equal_one_with_the_doubled_batch(write_yaml,
         torch.testing.assert_close(ddp["model"][name], tensor, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_sigkill_then_resume_auto_equals_an_uninterrupted_run(shards, write_yaml, tmp_path):
     run = dict(batch_size=4, iters_per_epoch=12, max_epoch=3, save_every_iters=4, num_workers=2)
     reference = tmp_path / "reference"
@@ -141,6 +144,7 @@ def wait_for_steps(proc: subprocess.Popen, log: Path, steps: int, timeout: float
     raise AssertionError(f"the run ended or stalled before {steps} steps (exit code {proc.poll()})")
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_auto_continues_exactly(shards, write_yaml, tmp_path):
     run = dict(batch_size=4, iters_per_epoch=12, max_epoch=3, num_workers=2)  # no periodic checkpoints
     reference = tmp_path / "reference"
@@ -170,6 +174,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_auto_continue
     assert got["data_state"] == want["data_state"]
 
 
+@pytest.mark.e2e
 def test_torchrun_sigterm_stops_every_rank_at_the_same_step_and_resumes(write_yaml, tmp_path):
     align = write_align_folder(tmp_path / "align", n=10)
     cfg = write_yaml(stage2_config(align, tmp_path / "ddp", batch_size=2, iters_per_epoch=10, max_epoch=2, num_workers=1))
