@@ -24,13 +24,22 @@ Modes:
   once and reused (in training: ``run.feature_cache``). The one-off rate of that extraction is
   reported too. It pays when images are seen again, and gives up stage 1's random crops (stage
   2's eval processor has none).
+  ``cache``: as a user gets ``run.feature_cache``: every step reads the features of the images
+  seen before from the real on-disk ``FeatureCache`` and computes (ViT + Q-Former) and writes
+  those of new images, inside the timed step. The share of new images per step is one over the
+  stage's views per image: stage 1 sees each of its ~5M pairs about once (20,000 steps x 256),
+  so every image is new and the cache only costs; stage 2 sees each of its 3,439 images
+  5 x 200 x 12 / 3,439 = 3.5 times. The cache entries of "seen" images are written before the
+  timed steps. Image decoding and the data loader stay out, as in every mode.
   ``packed``: ``model.pack_sequences``: samples share LLM rows (``mini_gpt4.pack_rows``) instead
   of each being padded to the longest; fewer positions to compute, the same loss.
   ``compile``: every ViT block and LLM decoder layer ``torch.compile``d (``MiniGPT4.compile_blocks``;
   in training: ``run.compile``), compiled in the warmup steps (only when named in ``--modes``).
 
-By default stage 1 runs reference, default, default+features and default+features+packed;
-stage 2 reference, default, default+packed and default+features+packed.
+``features`` is an upper bound that leaves the extraction and the cache reads out of the timed
+step; ``cache`` is what a training run gets. By default both stages run reference, default,
+default+packed and default+cache+packed; the headline of stage 1 is ``default+packed+compile``
+(stage 1's random crops rule out a feature cache), of stage 2 ``default+cache+packed+compile``.
 
 One step is one iteration of ``RunnerBase.train_epoch`` (accum_grad_iters 1, no clipping): forward
 under autocast, ``scaler.scale(loss).backward()``, ``scaler.step``, ``scaler.update``,
@@ -57,9 +66,11 @@ matrix products at the same rate, so one peak serves both.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, replace
@@ -94,6 +105,7 @@ class Mode:
     amp_dtype: torch.dtype
     fused_adamw: bool
     features: bool = False
+    cache: bool = False
     compile: bool = False
 
 
@@ -109,11 +121,12 @@ DEFAULT = Mode(
     torch.bfloat16,
     fused_adamw=True,
 )
-FLAGS = ("features", "packed", "compile")
+FLAGS = ("features", "cache", "packed", "compile")
 STAGE_MODES = {
-    1: ["reference", "default", "default+features", "default+features+packed"],
-    2: ["reference", "default", "default+packed", "default+features+packed"],
+    1: ["reference", "default", "default+packed", "default+cache+packed"],
+    2: ["reference", "default", "default+packed", "default+cache+packed"],
 }
+CC_SBU_ALIGN_IMAGES = 3439  # stage 2's dataset (DESIGN.md B4); stage 1's streams are seen about once
 
 
 def mode_named(name: str) -> Mode:
@@ -121,10 +134,10 @@ def mode_named(name: str) -> Mode:
     base, *flags = name.split("+")
     if base == "reference" and not flags:
         return REFERENCE
-    if base != "default" or not set(flags) <= set(FLAGS) or len(set(flags)) < len(flags):
-        raise argparse.ArgumentTypeError(f"'{name}': expected reference, default, or default+ any of {', '.join(FLAGS)}")
+    if base != "default" or not set(flags) <= set(FLAGS) or len(set(flags)) < len(flags) or {"features", "cache"} <= set(flags):
+        raise argparse.ArgumentTypeError(f"'{name}': expected reference, default, or default+ any of {', '.join(FLAGS)} (features or cache)")
     model = {**DEFAULT.model, "pack_sequences": "packed" in flags}
-    return replace(DEFAULT, name=name, model=model, features="features" in flags, compile="compile" in flags)
+    return replace(DEFAULT, name=name, model=model, features="features" in flags, cache="cache" in flags, compile="compile" in flags)
 
 
 @dataclass
@@ -137,6 +150,7 @@ class Stage:
     init_lr: float
     weight_decay: float
     beta2: float
+    views_per_image: float  # how often training sees each image (what a feature cache saves)
 
 
 def load_stage(number: int) -> Stage:
@@ -150,6 +164,7 @@ def load_stage(number: int) -> Stage:
         init_lr=float(cfg.run.init_lr),
         weight_decay=float(cfg.run.weight_decay),
         beta2=float(cfg.run.get("beta2", 0.999)),
+        views_per_image=1.0 if number == 1 else cfg.run.max_epoch * cfg.run.iters_per_epoch * dataset.batch_size / CC_SBU_ALIGN_IMAGES,
     )
 
 
@@ -245,11 +260,18 @@ def run_mode(mode: Mode, stage: Stage, section: dict[str, Any], batches: list[di
 
     losses: list[float] = []
     order = iter(batches)
+    cache = feature_cache(model, stage, batches, args, use_amp, mode.amp_dtype) if mode.cache else None
+    if cache is not None:
+        result["views_per_image"] = stage.views_per_image
 
     def step() -> None:
         # RunnerBase.train_epoch's iteration with accum_grad_iters 1 and no clipping
         samples = next(order)
         with torch.autocast(device.type, dtype=mode.amp_dtype, enabled=use_amp):
+            if cache is not None:  # RunnerBase._with_cached_features
+                with torch.no_grad():
+                    features = cache.features(samples["image_key"], samples["image"], model.vision_features)
+                samples = {"image_features": features, "answer": samples["answer"]}
             loss = model(samples)["loss"]
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -271,7 +293,7 @@ def run_mode(mode: Mode, stage: Stage, section: dict[str, Any], batches: list[di
         images=stage.batch_size,
         vit_tokens=vit.patch_embed.num_patches + vit.num_prefix_tokens,
         queries=model.query_tokens.shape[1],
-        vision=not mode.features,
+        vision=not mode.features,  # with the cache, the extraction of new images is in the step (counted in full: an upper bound on MFU)
     )
     achieved = flops / timing["median_s"] / 1e12
     result.update(
@@ -286,6 +308,25 @@ def run_mode(mode: Mode, stage: Stage, section: dict[str, Any], batches: list[di
         weights=n,
     )
     return result
+
+
+def feature_cache(model, stage: Stage, batches: list[dict[str, Any]], args, use_amp: bool, amp_dtype: torch.dtype):
+    """The runner's ``FeatureCache`` in a temporary folder, and image keys on every batch: per
+    batch, 1 / views of the images are new (computed and written in the step), the others seen
+    before (their entries written here, untimed)."""
+    from minigpt4.common.feature_cache import FeatureCache
+
+    root = Path(tempfile.mkdtemp(prefix="bench-train-features-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    cache = FeatureCache(root, model.vision_fingerprint(amp=use_amp, amp_dtype=amp_dtype))
+    new_per_batch = max(1, round(stage.batch_size / stage.views_per_image))
+    for b, samples in enumerate(batches):
+        samples["image_key"] = [f"{'new' if i < new_per_batch else 'seen'}-{b}-{i}" for i in range(stage.batch_size)]
+        seen = list(range(new_per_batch, stage.batch_size))
+        if seen:
+            with torch.no_grad(), torch.autocast(model.device.type, dtype=amp_dtype, enabled=use_amp):
+                cache.features([samples["image_key"][i] for i in seen], samples["image"][seen], model.vision_features)
+    return cache
 
 
 # ---- stages and the record ----------------------------------------------------------------------
