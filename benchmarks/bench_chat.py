@@ -3,6 +3,7 @@
     python benchmarks/bench_chat.py                       # fp16, 8-bit, 4-bit; reference and default
     python benchmarks/bench_chat.py --compile             # also fp16 with a static cache, decode compiled
     python benchmarks/bench_chat.py --tiny                # tiny shapes on the CPU: a smoke test
+    python benchmarks/bench_chat.py --quant none --decode static  # also our static-cache decode loop
 
 Shapes: EVA-ViT-g, the BLIP-2 Q-Former (32 queries) and LLaMA-7B with random weights, created on
 the device (``common.build_model``); nothing is downloaded. The 8-bit and 4-bit LLMs go through the
@@ -35,6 +36,13 @@ host, which a streamer records):
 - peak memory: the allocator's maximum over the chat, the model resident, from after the image
   upload (when the 8-bit model's ViT has gone to the CPU); the clone kept for the repeats is
   left out. ``load_peak_gb`` is the maximum while building the model.
+- ``--decode static`` (fp16, ``default``): ``minigpt4/conversation/decode.py`` answers turn 1's
+  context with ``--decode-tokens`` tokens: a static cache, the one-token step (forward, argmax,
+  stop check) compiled into one CUDA graph on a GPU (eager on the CPU), the host reading the
+  tokens every ``--steps-per-sync`` steps. Its stop table is Chat's, shifted past the vocabulary:
+  the check costs what it costs in a chat, and the random model is never cut short. Decode
+  tokens/s and TTFT as above (a token counts when its chunk reaches the host), next to the
+  ``generate`` rate of the same model in the same process; the first call compiles (``warmup_s``).
 - captioning (fp16, ``default``): ``--caption-images`` images, ``--caption-tokens`` new tokens
   each: one ``Chat.answer_batch`` call per image vs one call for all of them; images/s.
 - the decode limit: a decoding step reads every LLM weight but the embedding table once; the
@@ -63,6 +71,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import common
 from minigpt4.conversation import CONV_VISION_Vicuna0, Chat
+from minigpt4.conversation.decode import decode
 from minigpt4.conversation.kv_cache import PrefixCache
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
@@ -70,6 +79,7 @@ logger = logging.getLogger("bench_chat")
 
 MODES = ("reference", "default", "compile")
 QUANTS = ("none", "8bit", "4bit")
+DECODES = ("generate", "static")
 QUESTION_1 = "Describe this image in detail."
 QUESTION_2 = "What is the man on the left holding, and what colour is the car behind him?"
 CAPTION_PROMPT = "Describe this image in detail."
@@ -306,6 +316,45 @@ def run_chat(args, chat: Chat, image: Image.Image, words: list[int], generation:
     }
 
 
+def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
+    """Turn 1 answered by ``decode.decode``: TTFT and decode tokens/s, over ``--repeats`` runs."""
+    conv, img_list = chat.new_conversation(), []
+    chat.upload_img(image, conv, img_list)
+    chat.ask(QUESTION_1, conv)
+    conv.append_message(conv.roles[1], None)
+    embeds = chat.get_context_emb(conv.get_prompt(), img_list)
+    model, llm, n = chat.model, chat.model.llama_model, args.decode_tokens
+    vocab = llm.get_output_embeddings().weight.shape[0]
+    stops = [tuple(i + vocab for i in seq) for group in chat.stop_matcher.by_last.values() for seq in group]
+    compiled = chat.device.type == "cuda"
+
+    def once() -> dict[str, float]:
+        arrivals: list[float] = []
+        common.synchronize(chat.device)
+        start = time.perf_counter()
+        with model.maybe_autocast(model.autocast_dtype):
+            ids = decode(llm, embeds, n, stops, (), steps_per_sync=args.steps_per_sync, compile=compiled,
+                         on_tokens=lambda chunk: arrivals.append(time.perf_counter()))
+        if len(ids) != n:
+            raise RuntimeError(f"the static decode wrote {len(ids)} tokens, not {n}: something stopped it early")
+        # The first chunk is the prefill's token alone; the rest arrive steps_per_sync at a time.
+        return {"ttft_s": arrivals[0] - start, "decode_tokens_per_s": (n - 1) / (arrivals[-1] - arrivals[0])}
+
+    start = time.perf_counter()
+    once()  # compiles and captures the step for this cache size
+    warmup_s = time.perf_counter() - start
+    runs = [once() for _ in range(args.repeats)]
+    return {
+        "steps_per_sync": args.steps_per_sync,
+        "compiled": compiled,
+        "context_positions": embeds.shape[1],
+        "decode_tokens": n,
+        "warmup_s": warmup_s,
+        "ttft_s": summary([r["ttft_s"] for r in runs]),
+        "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
+    }
+
+
 def run_captioning(args, chat: Chat, words: list[int]) -> dict[str, Any]:
     images = random_images(args.caption_images, 224 if not args.tiny else 32, seed=1)
     generation = dict(max_new_tokens=args.caption_tokens, do_sample=False, logits_processor=LogitsProcessorList([ForcedWords(words)]))
@@ -357,6 +406,14 @@ def run_mode(args, mode: str, quant: str, llm_folder: Path, weights_folder, devi
         decode_limit_tokens_per_s=limit,
         decode_fraction_of_limit=record["decode_tokens_per_s"] / limit if limit else None,
     )
+    if args.decode == "static" and quant == "none" and mode == "default":
+        logger.info("%s, %s: the static decode loop", quant, mode)
+        static = run_static_decode(args, chat, image)
+        static.update(
+            decode_fraction_of_limit=static["decode_tokens_per_s"] / limit if limit else None,
+            vs_generate=common.ratio(static["decode_tokens_per_s"], record["decode_tokens_per_s"]),
+        )
+        record["static_decode"] = static
     if quant == "none" and mode == "default" and args.caption_images:
         logger.info("%s, %s: captioning %d images", quant, mode, args.caption_images)
         record["captioning"] = run_captioning(args, chat, words)
@@ -398,6 +455,7 @@ def goals_of(runs: dict[str, dict[str, Any]], ratios: dict[str, dict[str, Any]])
     fp16 = runs.get("none", {})
     turn2 = [r["ttft_turn2"] for r in ratios.get("none", {}).values() if r.get("ttft_turn2")]
     decode = [m.get("decode_fraction_of_limit") for name, m in fp16.items() if name != "reference" and m.get("decode_fraction_of_limit")]
+    decode += [m["static_decode"]["decode_fraction_of_limit"] for m in fp16.values() if (m.get("static_decode") or {}).get("decode_fraction_of_limit")]
     caption = fp16.get("default", {}).get("captioning", {}).get("speedup")
     return {
         "ttft_turn2_vs_reference_fp16": goal(min(turn2, default=None), GOALS["ttft_turn2_vs_reference"], True),
@@ -420,6 +478,13 @@ def table(runs: dict[str, dict[str, Any]], ratios: dict[str, Any], goals: dict[s
                 f"{m['turn2_prefilled_positions']:>8} {m['decode_tokens_per_s']:>7.1f} {common.fmt(m['decode_fraction_of_limit'], '.0%'):>8} "
                 f"{common.fmt(m['peak_gb'], '.2f'):>8} {common.fmt(1.0 if name == 'reference' else ratios.get(quant, {}).get(name, {}).get('ttft_turn2'), '.2f'):>11}"
             )
+    static = runs.get("none", {}).get("default", {}).get("static_decode")
+    if static:
+        lines.append(
+            f"static decode (fp16, default, {'CUDA graph' if static['compiled'] else 'eager'}, sync every {static['steps_per_sync']}): "
+            f"{static['decode_tokens_per_s']:.1f} tokens/s, {common.fmt(static['decode_fraction_of_limit'], '.0%')} of limit, "
+            f"{common.fmt(static['vs_generate'], '.2f')}x generate, TTFT {static['ttft_s']['median_s'] * 1e3:.1f} ms"
+        )
     caption = runs.get("none", {}).get("default", {}).get("captioning")
     if caption:
         rates = " vs ".join(f"{k.replace('_', ' ')}: {v:.2f}" for k, v in caption["images_per_s"].items())
@@ -435,6 +500,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["reference", "default"])
     parser.add_argument("--compile", action="store_true", help="add the compile mode (fp16): static cache, decoding step compiled")
     parser.add_argument("--quant", nargs="+", choices=QUANTS, default=list(QUANTS), help="LLM precisions (none = fp16)")
+    parser.add_argument("--decode", choices=DECODES, default="generate",
+                        help="static: also time decode.py's static-cache loop (fp16, default mode) next to generate")
+    parser.add_argument("--steps-per-sync", type=int, default=8, help="--decode static: steps between host reads")
     parser.add_argument("--decode-tokens", type=int, default=256, help="turn 1's reply length, the decode measurement")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each TTFT and of the batched captioning")
     parser.add_argument("--caption-images", type=int, default=16, help="images captioned one by one and in one batch (0: skip)")
@@ -454,6 +522,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--decode-tokens: at least 2 (the decode rate is measured after the first token)")
     if args.repeats < 1:
         parser.error("--repeats: at least 1")
+    if args.steps_per_sync < 1:
+        parser.error("--steps-per-sync: at least 1")
     modes = [m for m in MODES if m in args.modes or (m == "compile" and args.compile)]
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matrices: a second thread only adds waiting
@@ -499,7 +569,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {
             "tiny": args.tiny, "modes": modes, "quant": args.quant, "decode_tokens": args.decode_tokens,
             "repeats": args.repeats, "caption_images": args.caption_images, "caption_tokens": args.caption_tokens,
-            "max_length": args.max_length,
+            "max_length": args.max_length, "decode": args.decode, "steps_per_sync": args.steps_per_sync,
             "template": "pretrain_vicuna0", "questions": [QUESTION_1, QUESTION_2],
         },
         "shapes": {

@@ -59,3 +59,28 @@ def test_the_table_comes_last(run):
     assert lines[-1].startswith("goals: ")
     header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["quant", "mode", "TTFT1"])
     assert [line.split()[1] for line in lines[header + 1 : header + 3]] == ["reference", "default"]
+
+
+@pytest.fixture(scope="module")
+def static_run(tmp_path_factory) -> tuple[dict, list[str]]:
+    out = tmp_path_factory.mktemp("bench_chat_static")
+    cmd = [
+        sys.executable, "benchmarks/bench_chat.py", "--tiny", "--quant", "none", "--modes", "default", "--decode", "static",
+        "--steps-per-sync", "4", "--decode-tokens", "10", "--repeats", "1", "--caption-images", "0", "--out", str(out),
+    ]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "chat_tiny.json").read_text()), done.stdout.splitlines()
+
+
+def test_decode_static_times_the_static_loop_next_to_generate(static_run, run):
+    record, lines = static_run
+    assert record["settings"]["decode"] == "static" and record["settings"]["steps_per_sync"] == 4
+    default = record["runs"]["none"]["default"]
+    static = default["static_decode"]
+    assert static["decode_tokens"] == 10 and static["steps_per_sync"] == 4 and static["compiled"] is False  # eager on the CPU
+    assert finite(static["decode_tokens_per_s"]) and static["decode_tokens_per_s"] > 0
+    assert finite(static["ttft_s"]["median_s"]) and static["ttft_s"]["median_s"] > 0
+    assert static["vs_generate"] == pytest.approx(static["decode_tokens_per_s"] / default["decode_tokens_per_s"])
+    assert lines[-2].startswith("static decode (fp16, default, eager, sync every 4): ") and lines[-1].startswith("goals: ")
+    assert "static_decode" not in run[0]["runs"]["none"]["default"]  # --decode generate (the default) leaves it out

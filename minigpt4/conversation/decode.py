@@ -1,0 +1,242 @@
+"""Decoding one conversation fast: prefill, then a one-token step that runs as one CUDA graph.
+
+gpt-fast's ``generate.py`` on a transformers LLM. :func:`prefill` runs the prompt once, eagerly,
+into a static KV cache sized to the prompt + ``max_new_tokens`` rounded up to a multiple of 64 (so
+every prompt in a bucket reuses one compiled graph). :func:`decode_one_token` is the whole step on
+the device: embed the last token, the LLM forward on it, the LM head, argmax or sampling, and the
+stop check (EOS and multi-token stop sequences such as Vicuna's ``###`` spellings). It reads and
+writes only fixed buffers and takes no decision on the host, so ``torch.compile(mode=
+"reduce-overhead")`` captures it as one CUDA graph. The host loop replays it ``steps_per_sync``
+times, then copies the new tokens and the "done" flag to pinned memory (``non_blocking``) and
+reads them once: the GPU is never waited on between those steps. On the CPU the same code runs
+eagerly.
+
+What transformers offers and what it does not:
+- ``StaticCache`` (fixed key/value tensors with static addresses, the filled length as a device
+  tensor from which the model derives positions): used as is.
+- Attention over the filled part only: not available with a static cache. Its mask always spans
+  the whole cache (``get_mask_sizes`` returns ``max_cache_len``), the unfilled part masked out;
+  a shape that changes every step would defeat graph capture. Bucketing keeps the waste small:
+  at 7B a 1024-position cache reads 0.5 GB of keys/values a step next to 13 GB of weights.
+- Stopping, sampling and streaming in ``generate`` decide on the host every step (stopping
+  criteria return Python booleans, the streamer receives each token): that is what this file
+  replaces, in its own code. Sampling draws exponential noise per token from the caller's seeded
+  generator outside the graph (a graph cannot take a ``torch.Generator``), into a ring of
+  ``steps_per_sync`` rows the step reads: the draws are the same whatever ``steps_per_sync``.
+  It is the exponential race (argmax of probs / Exp(1)), a sample from the same distribution as
+  ``generate``'s multinomial but not the same numbers.
+
+Batch 1 only: one conversation; ``Chat.answer_batch`` keeps using ``generate`` for batches.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from transformers import StaticCache
+
+CACHE_MULTIPLE = 64
+NO_TOKEN = -2  # before the first token in the stop window: matches no id and no padding
+
+
+def cache_length(positions: int, multiple: int = CACHE_MULTIPLE) -> int:
+    """``positions`` rounded up to a multiple of ``multiple``: one compiled graph per bucket."""
+    return -(-positions // multiple) * multiple
+
+
+def stop_table(stop_sequences: Iterable[Sequence[int]], eos_ids: Iterable[int], device: torch.device) -> torch.Tensor:
+    """(S, longest) stop sequences and EOS ids, right-aligned, -1 (matches anything) before shorter ones."""
+    sequences = sorted({tuple(int(i) for i in s) for s in stop_sequences if len(s)} | {(int(i),) for i in eos_ids})
+    if not sequences:
+        return torch.full((1, 1), NO_TOKEN - 1, dtype=torch.long, device=device)  # never matches
+    longest = max(len(s) for s in sequences)
+    table = torch.full((len(sequences), longest), -1, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        table[row, longest - len(seq) :] = torch.tensor(seq)
+    return table.to(device)
+
+
+def pick(logits: torch.Tensor, noise: torch.Tensor | None, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """(1,) next token from (1, V) logits: argmax when ``noise`` is None, else a top-p sample."""
+    if noise is None:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    # transformers' TopPLogitsWarper: drop the least likely tokens whose total stays <= 1 - top_p.
+    sorted_scores, order = scores.sort(-1)
+    drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[..., -1] = False
+    scores = scores.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    return (scores.softmax(-1) / noise).argmax(-1)
+
+
+def record(token: torch.Tensor, tokens: torch.Tensor, written: torch.Tensor, count: torch.Tensor,
+           done: torch.Tensor, window: torch.Tensor, table: torch.Tensor) -> None:
+    """Append ``token``; ``count`` stops growing after the first stop, which sets ``done``."""
+    tokens.index_copy_(0, written, token)
+    written.add_(1)
+    count.add_((~done).long())
+    window.copy_(torch.cat([window[1:], token]))
+    done.logical_or_(((table == window) | (table == -1)).all(-1).any(0, keepdim=True))
+
+
+def prefill(llm, cache: StaticCache, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """(1, V) logits of the last prompt position; the prompt's keys and values go into ``cache``."""
+    return llm(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+def decode_one_token(llm, cache: StaticCache, tokens, written, count, done, window, table, noise, temperature, top_p) -> None:
+    """One step, all on the device and in place: what one CUDA graph replays."""
+    last = tokens.index_select(0, written - 1)
+    embeds = llm.get_input_embeddings()(last).unsqueeze(0)
+    logits = llm(inputs_embeds=embeds, cache=cache, use_cache=True).logits[:, -1]
+    row = None if noise is None else noise.index_select(0, written % noise.shape[0])
+    record(pick(logits, row, temperature, top_p), tokens, written, count, done, window, table)
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def compiled_step() -> Callable:
+    if "step" not in _compiled:
+        # dynamic=False: each cache bucket gets its own graph instead of one with symbolic shapes.
+        _compiled["step"] = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return _compiled["step"]
+
+
+class _Buffers:
+    """The fixed tensors of one cache size: their addresses are what a captured graph holds."""
+
+    def __init__(self, llm, length: int, device: torch.device):
+        self.length = length
+        self.cache = StaticCache(config=llm.config, max_cache_len=length)
+        self.tokens = torch.zeros(length, dtype=torch.long, device=device)
+        self.written, self.count = (torch.zeros(1, dtype=torch.long, device=device) for _ in range(2))
+        self.done = torch.zeros(1, dtype=torch.bool, device=device)
+        self.temperature, self.top_p = (torch.ones((), device=device) for _ in range(2))
+        pin = device.type == "cuda"
+        self.host_tokens = torch.zeros(length, dtype=torch.long, pin_memory=pin)
+        self.host_state = torch.zeros(2, dtype=torch.long, pin_memory=pin)
+        self.noise: torch.Tensor | None = None
+        self.window: torch.Tensor | None = None
+        self.table: torch.Tensor | None = None
+        for t in (self.tokens, self.written, self.count, self.done, self.temperature, self.top_p):
+            torch._dynamo.mark_static_address(t)
+
+    def static(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """``value`` in the buffer ``name``, reallocated (a new graph) only when its shape changes."""
+        current = getattr(self, name)
+        if current is None or current.shape != value.shape:
+            current = value.clone()
+            torch._dynamo.mark_static_address(current)
+            setattr(self, name, current)
+        else:
+            current.copy_(value)
+        return current
+
+
+# One set of buffers per LLM, kept while the LLM lives: the next answer in the same bucket replays
+# the graphs already captured; another bucket replaces them (its cache is another size).
+_buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def buffers_for(llm, length: int, device: torch.device) -> _Buffers:
+    held = _buffers.get(llm)
+    if held is None or held.length != length or held.tokens.device != device:
+        _buffers.pop(llm, None)  # free the old cache first
+        held = _buffers[llm] = _Buffers(llm, length, device)
+    return held
+
+
+@torch.no_grad()
+def stream_decode(
+    llm,
+    inputs_embeds: torch.Tensor,
+    max_new_tokens: int,
+    stop_sequences: Iterable[Sequence[int]] = (),
+    eos_ids: Iterable[int] = (),
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    steps_per_sync: int = 8,
+    compile: bool = False,
+) -> Iterator[list[int]]:
+    """The new token ids after ``inputs_embeds`` (1, positions, hidden), batch 1, up to and including
+    the first stop, in chunks as they reach the host: the prefill's token alone, then up to
+    ``steps_per_sync`` at a time. Together they are what ``llm.generate(inputs_embeds=...,
+    stopping_criteria=..., eos_token_id=...)`` returns for that row (the same ids when greedy).
+
+    ``stop_sequences``: token-id sequences (``stopping.stop_sequences``); ``eos_ids`` stop too.
+    ``do_sample``: temperature, then top-p, then a draw from ``generator`` (on the embeddings'
+    device; None: the global RNG). ``steps_per_sync``: steps between host reads; up to
+    ``steps_per_sync - 1`` steps past a stop are computed and dropped. ``compile``: the step as a
+    CUDA graph (``torch.compile(mode="reduce-overhead")``; the first call per cache size compiles).
+    Run it in the model's autocast context, as ``generate`` is (``model.maybe_autocast``).
+    """
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
+        raise ValueError(f"inputs_embeds: expected (1, positions, hidden) for batch 1, got {tuple(inputs_embeds.shape)}")
+    if max_new_tokens < 1 or steps_per_sync < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens}, steps_per_sync {steps_per_sync}: both must be at least 1")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"temperature {temperature}, top_p {top_p}: sampling needs temperature > 0 and 0 < top_p <= 1")
+    device = inputs_embeds.device
+    b = buffers_for(llm, cache_length(inputs_embeds.shape[1] + max_new_tokens), device)
+    b.cache.reset()
+    for t in (b.written, b.count, b.done):
+        t.zero_()
+    table = b.static("table", stop_table(stop_sequences, eos_ids, device))
+    window = b.static("window", torch.full((table.shape[1],), NO_TOKEN, dtype=torch.long, device=device))
+    noise = None
+    if do_sample:
+        b.temperature.fill_(temperature)
+        b.top_p.fill_(top_p)
+        vocab = llm.get_output_embeddings().weight.shape[0]
+        noise = b.static("noise", torch.empty(steps_per_sync, vocab, device=device))
+    step = compiled_step() if compile else decode_one_token
+    state = (b.tokens, b.written, b.count, b.done, window, table)
+
+    def draw(index: int) -> None:
+        # One row per token, in order: the same draws whatever steps_per_sync.
+        if noise is not None:
+            noise[index % steps_per_sync].exponential_(generator=generator)
+
+    def read(written: int, emitted: int) -> tuple[list[int], bool]:
+        b.host_tokens[emitted:written].copy_(b.tokens[emitted:written], non_blocking=True)
+        b.host_state[0:1].copy_(b.count, non_blocking=True)
+        b.host_state[1:2].copy_(b.done, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        count, done = b.host_state.tolist()
+        return b.host_tokens[emitted:count].tolist(), bool(done)
+
+    draw(0)
+    logits = prefill(llm, b.cache, inputs_embeds)
+    record(pick(logits, None if noise is None else noise[:1], b.temperature, b.top_p), *state)
+    chunk, done = read(1, 0)
+    yield chunk
+    written, emitted = 1, len(chunk)
+    while not done and written < max_new_tokens:
+        steps = min(steps_per_sync, max_new_tokens - written)
+        for i in range(steps):
+            draw(written + i)
+            if compile:
+                torch.compiler.cudagraph_mark_step_begin()  # nothing of the last replay is kept
+            step(llm, b.cache, *state, noise, b.temperature, b.top_p)
+        written += steps
+        chunk, done = read(written, emitted)
+        emitted += len(chunk)
+        if chunk:
+            yield chunk
+
+
+def decode(llm, inputs_embeds: torch.Tensor, max_new_tokens: int, *args: Any,
+           on_tokens: Callable[[list[int]], None] | None = None, **kwargs: Any) -> list[int]:
+    """The new token ids of :func:`stream_decode` (same arguments), up to and including the first
+    stop; ``on_tokens`` receives each chunk as it reaches the host."""
+    ids: list[int] = []
+    for chunk in stream_decode(llm, inputs_embeds, max_new_tokens, *args, **kwargs):
+        ids += chunk
+        if on_tokens is not None:
+            on_tokens(chunk)
+    return ids
