@@ -71,6 +71,7 @@ def test_random_augmentation_and_a_training_vit_are_refused(train, write_yaml, a
         run(train, write_yaml, cfg)
 
 
+@pytest.mark.e2e  # torch.compile on a CPU: over a minute on 2 cores
 def test_compiled_blocks_train_as_eager(train, write_yaml, align_dir, tmp_path):
     settings = dict(batch_size=3, max_epoch=1, iters_per_epoch=3)
     eager = run(train, write_yaml, stage2_config(align_dir, tmp_path / "eager", **settings))
