@@ -35,15 +35,29 @@ def pick_device(gpu_id: int) -> torch.device:
     return torch.device("cpu")
 
 
-def load_chat(cfg_path: str | Path, options: Sequence[str] | None = None, gpu_id: int = 0, reuse_kv_cache: bool = True):
+def load_chat(
+    cfg_path: str | Path,
+    options: Sequence[str] | None = None,
+    gpu_id: int = 0,
+    reuse_kv_cache: bool = True,
+    engine: str = "hf",
+    engine_url: str | None = None,
+):
     """Build the model, its eval image processor and a :class:`Chat` from a config file.
 
     ``reuse_kv_cache=False`` re-encodes the whole conversation every turn, as the original.
+    ``engine``: ``"hf"`` generates in this process; ``"vllm"`` sends the context embeddings to the
+    vLLM server at ``engine_url`` (the vision side and the embedding of the prompt stay here).
     """
-    from minigpt4.common.config import Config
+    from minigpt4.common.config import Config, ConfigError
     from minigpt4.common.registry import registry
     from minigpt4.conversation import Chat, conv_template_for
+    from minigpt4.conversation.engines import ENGINES, VLLMEngine
 
+    if engine not in ENGINES:
+        raise ConfigError(f"engine: '{engine}' is not one of {', '.join(ENGINES)}")
+    if engine == "vllm" and not engine_url:
+        raise ConfigError("engine_url: the vllm engine needs the vLLM server's URL, e.g. http://127.0.0.1:8001")
     cfg = Config(cfg_path=str(cfg_path), options=list(options or []))
     model_cfg = cfg.model_cfg
     device = pick_device(gpu_id)
@@ -70,9 +84,12 @@ def load_chat(cfg_path: str | Path, options: Sequence[str] | None = None, gpu_id
         )
     vis_processor = registry.get_processor_class(vis_cfg.name).from_config(vis_cfg)
     logger.info("model %s (%s) ready on %s", model_cfg.arch, model_cfg.model_type, device)
+    template = conv_template_for(model_cfg.model_type)
+    # vLLM knows EOS from the model folder; the template's stop text (Vicuna's ###) goes with each request.
+    llm_engine = VLLMEngine(engine_url, stop=[template.stop_str or ""]) if engine == "vllm" else None
     return Chat(
-        model, vis_processor, device, conv_template_for(model_cfg.model_type), reuse_kv_cache=reuse_kv_cache,
-        generation=OmegaConf.to_container(cfg.generation_cfg), model_type=model_cfg.model_type,
+        model, vis_processor, device, template, reuse_kv_cache=reuse_kv_cache,
+        generation=OmegaConf.to_container(cfg.generation_cfg), model_type=model_cfg.model_type, engine=llm_engine,
     )
 
 

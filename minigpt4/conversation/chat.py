@@ -1,25 +1,30 @@
 """The ``Chat`` engine: upload images, ask, answer, as the original demo, on our MiniGPT4.
 
 ``Chat`` turns a conversation's prompt into LLM input embeddings (text segments interleaved with
-image tokens), generates, and cleans the reply as the original did. On top of the original it
-computes its stop words from the tokenizer (so any vocabulary works), streams from a worker
-thread whose errors reach the caller, answers a batch of (image, question) pairs in one
+image tokens), has its engine generate, and cleans the reply as the original did. On top of the
+original it computes its stop words from the tokenizer (so any vocabulary works), streams (errors
+of the generation reach the caller), answers a batch of (image, question) pairs in one
 ``generate`` call, and keeps the LLM's KV cache between turns (:class:`PrefixCache`), so a new
 turn prefills only what the conversation added since the last one.
+
+Generation goes through ``self.engine`` (:mod:`minigpt4.conversation.engines`): in-process
+transformers by default, which batches the requests of concurrent callers, or a vLLM server. The
+KV cache between turns is the in-process engine's.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import threading
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image
-from transformers import DynamicCache, StaticCache, StoppingCriteriaList, TextIteratorStreamer
+from transformers import DynamicCache, StaticCache, StoppingCriteriaList
 
 from minigpt4.common.config import GenerationConfig
+from minigpt4.conversation.engines import Engine, GenerationRequest, GenerationResult, HFEngine, Sampling, hf_generate
 from minigpt4.conversation.images import open_image
 from minigpt4.conversation.kv_cache import _OWN_CACHE, PositionKey, PrefixCache, common_prefix
 from minigpt4.conversation.stopping import StopMatcher, StoppingCriteriaSub, stop_sequences
@@ -32,6 +37,15 @@ logger = logging.getLogger(__name__)
 ORIGINAL_DECODING: dict[str, Any] = dataclasses.asdict(GenerationConfig())
 
 
+@dataclass
+class Reply:
+    """An assistant turn: its text (what the conversation stores) and, once it is finished, the
+    engine's result (token ids, token counts, why it ended). While streaming, ``result`` is None."""
+
+    text: str
+    result: GenerationResult | None = None
+
+
 class Chat:
     """Upload images, ask, answer: the original ``Chat`` API on our MiniGPT4.
 
@@ -41,6 +55,9 @@ class Chat:
     conversation every turn, as the original. Pass ``cache_implementation="static"`` to
     :meth:`answer` for a fixed-size cache of ``max_length`` positions, whose decoding step
     transformers compiles on a GPU (the first answer pays the compilation).
+
+    ``engine`` generates (default: an in-process :class:`HFEngine` on ``model``); answering from
+    several threads at once is safe, and the in-process engine batches those answers.
     """
 
     def __init__(
@@ -52,6 +69,7 @@ class Chat:
         reuse_kv_cache: bool = True,
         generation: Mapping[str, Any] | None = None,
         model_type: str | None = None,
+        engine: Engine | None = None,
     ):
         self.model = model
         self.vis_processor = vis_processor
@@ -69,6 +87,7 @@ class Chat:
         eos_ids = sorted(i for i in eos if i is not None)
         self.stop_matcher = StopMatcher(stop_sequences(tokenizer, conv_template.stop_str, eos_ids))
         self.stopping_criteria = StoppingCriteriaList([StoppingCriteriaSub(self.stop_matcher)])
+        self.engine = engine if engine is not None else HFEngine(model, self.stop_matcher)
 
     def new_conversation(self) -> Conversation:
         return self.conv_template.copy()
@@ -161,7 +180,7 @@ class Chat:
 
     def _cache_kind(self, generation: dict[str, Any]) -> str | None:
         """The kind of cache this generation can carry between turns ("dynamic", "static"), or None."""
-        if not self.reuse_kv_cache or generation.get("num_beams", 1) > 1 or generation.get("num_return_sequences", 1) > 1:
+        if not self.reuse_kv_cache or not self.engine.reuses_kv_cache or generation.get("num_beams", 1) > 1 or generation.get("num_return_sequences", 1) > 1:
             return None
         if generation.get("use_cache") is False or any(generation.get(k) is not None for k in _OWN_CACHE):
             return None
@@ -222,10 +241,28 @@ class Chat:
         state.keys, state.images = keys, list(img_list)
 
     def model_generate(self, **kwargs: Any) -> torch.Tensor:
-        with torch.inference_mode(), self.model.maybe_autocast(self.model.autocast_dtype):
-            return self.model.llama_model.generate(**kwargs)
+        return hf_generate(self.model, **kwargs)
 
-    def decode_reply(self, token_ids: Sequence[int]) -> str:
+    def engine_request(self, generation: Mapping[str, Any], stop: Sequence[str] = (), seed: int | None = None) -> GenerationRequest:
+        """``generate`` arguments (:meth:`answer_prepare`, :meth:`generation_kwargs`) as an engine request.
+
+        The stopping criteria and pad id are the engine's own; what is neither the context nor a
+        sampling setting travels as an option (num_beams, repetition_penalty, the KV cache, ...).
+        """
+        options = dict(generation)
+        inputs_embeds = options.pop("inputs_embeds")
+        options.pop("stopping_criteria", None)
+        options.pop("pad_token_id", None)
+        sampling = Sampling(
+            max_new_tokens=int(options.pop("max_new_tokens")),
+            do_sample=bool(options.pop("do_sample", False)),
+            temperature=float(options.pop("temperature", 1.0)),
+            top_p=float(options.pop("top_p", 1.0)),
+        )
+        return GenerationRequest(inputs_embeds, sampling, tuple(stop), seed, options)
+
+    def decode_reply(self, token_ids: Sequence[int], stop: Sequence[str] = ()) -> str:
+        """The reply's text: cut at the stop words (and at the first of ``stop``), decoded, cleaned."""
         tokenizer = self.model.llama_tokenizer
         ids = self.stop_matcher.cut(token_ids)
         # transformers 4.28 put a BOS (and models sometimes an unk) before the new tokens.
@@ -233,57 +270,72 @@ class Chat:
             ids = ids[1:]
         if ids and ids[0] == tokenizer.bos_token_id:
             ids = ids[1:]
-        return clean_reply(tokenizer.decode(ids, skip_special_tokens=True), self.conv_template)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        for s in stop:
+            text = text.split(s)[0]
+        return clean_reply(text, self.conv_template)
+
+    def _partial_reply(self, token_ids: Sequence[int], stop: Sequence[str]) -> str:
+        """The reply so far, without what may still turn into a stop sign or a whole character."""
+        text = self.decode_reply(token_ids, stop).rstrip("\ufffd")  # a character whose bytes are not all in
+        if self.conv_template.stop_str:
+            # Hide a half-written stop sign ("#", "##") until we know what it becomes.
+            text = text.rstrip(self.conv_template.stop_str[0]).rstrip()
+        for s in stop:
+            text = next((text[: -k] for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), text)
+        return text
+
+    def _finish_turn(
+        self, conv: Conversation, img_list: Sequence[torch.Tensor], generation: dict[str, Any], result: GenerationResult, stop: Sequence[str]
+    ) -> Reply:
+        reply = Reply(self.decode_reply(result.token_ids, stop), result)
+        conv.messages[-1][1] = reply.text
+        self._keep_cache(conv, img_list, generation, result.token_ids)
+        return reply
+
+    def reply(self, conv: Conversation, img_list: Sequence[torch.Tensor], stop: Sequence[str] = (), seed: int | None = None, **kwargs: Any) -> Reply:
+        """:meth:`answer` with the engine's whole result: token counts and why the reply ended.
+
+        ``stop``: strings that end the reply besides the template's stop words (the reply is cut
+        before the first); ``seed``: the sampling seed of this answer.
+        """
+        generation = self.answer_prepare(conv, img_list, **kwargs)
+        result = self.engine.generate(self.engine_request(generation, stop, seed))
+        return self._finish_turn(conv, img_list, generation, result, stop)
+
+    def stream_reply(self, conv: Conversation, img_list: Sequence[torch.Tensor], stop: Sequence[str] = (), seed: int | None = None, **kwargs: Any) -> Iterator[Reply]:
+        """:meth:`reply` as it is written: the reply so far each time it grows, then the finished one."""
+        generation = self.answer_prepare(conv, img_list, **kwargs)
+        request = self.engine_request(generation, stop, seed)
+        if generation.get("num_beams", 1) > 1:
+            # transformers cannot stream beam search: answer in one piece instead.
+            yield self._finish_turn(conv, img_list, generation, self.engine.generate(request), stop)
+            return
+        ids: list[int] = []
+        shown = ""
+        for chunk in self.engine.stream(request):
+            if chunk.result is not None:
+                yield self._finish_turn(conv, img_list, generation, chunk.result, stop)
+                return
+            ids += chunk.token_ids
+            text = self._partial_reply(ids, stop)
+            if text != shown:
+                shown = text
+                yield Reply(text)
 
     def answer(self, conv: Conversation, img_list: Sequence[torch.Tensor], **kwargs: Any) -> tuple[str, list[int]]:
         """Generate the assistant's turn, store it in ``conv`` and return it with its token ids."""
-        generation = self.answer_prepare(conv, img_list, **kwargs)
-        output = self.model_generate(**generation)[0].tolist()
-        reply = self.decode_reply(output)
-        conv.messages[-1][1] = reply
-        self._keep_cache(conv, img_list, generation, output)
-        return reply, output
+        reply = self.reply(conv, img_list, **kwargs)
+        return reply.text, reply.result.token_ids
 
     def stream_answer(self, conv: Conversation, img_list: Sequence[torch.Tensor], **kwargs: Any) -> Iterator[str]:
         """Like :meth:`answer`, yielding the cleaned reply so far as tokens arrive.
 
         When the generator is exhausted the final reply (the same text :meth:`answer` gives) is
-        stored in ``conv``; an error in the generation thread is raised here.
+        stored in ``conv``; an error of the generation is raised here.
         """
-        generation = self.answer_prepare(conv, img_list, **kwargs)
-        if generation.get("num_beams", 1) > 1:
-            # transformers cannot stream beam search: answer in one piece instead.
-            output = self.model_generate(**generation)[0].tolist()
-            conv.messages[-1][1] = self.decode_reply(output)
-            yield conv.messages[-1][1]
-            return
-        streamer = TextIteratorStreamer(self.model.llama_tokenizer, skip_prompt=False, skip_special_tokens=True)
-        result: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                result["output"] = self.model_generate(streamer=streamer, **generation)
-            except BaseException as err:  # handed to the consumer below
-                result["error"] = err
-                streamer.end()
-
-        thread = threading.Thread(target=run, name="minigpt4-generate", daemon=True)
-        thread.start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            shown = clean_reply(text, self.conv_template)
-            if self.conv_template.stop_str:
-                # Hide a half-written stop sign ("#", "##") until we know what it becomes.
-                shown = shown.rstrip(self.conv_template.stop_str[0]).rstrip()
-            yield shown
-        thread.join()
-        if "error" in result:
-            raise result["error"]
-        output = result["output"][0].tolist()
-        conv.messages[-1][1] = self.decode_reply(output)
-        self._keep_cache(conv, img_list, generation, output)
-        yield conv.messages[-1][1]
+        for reply in self.stream_reply(conv, img_list, **kwargs):
+            yield reply.text
 
     # ---- batches ----
     def answer_batch(
@@ -299,7 +351,7 @@ class Chat:
 
         Contexts are left-padded (pad embedding, mask 0), each sequence stops on its own stop
         words, and each reply is cut at its own stop, so under greedy decoding the replies equal
-        those of :meth:`answer` one at a time.
+        those of :meth:`answer` one at a time. (With the vllm engine: one request each, at once.)
         """
         if isinstance(questions, str):
             questions = [questions] * len(images)
@@ -320,17 +372,10 @@ class Chat:
             emb = self.get_context_emb(conv.get_prompt(), [image_emb.unsqueeze(0)])
             contexts.append(self._truncate(emb, max_new_tokens, max_length)[0])
 
-        embed = self.model.llama_model.get_input_embeddings()
-        pad_id = torch.tensor(self.model.llama_tokenizer.pad_token_id, device=embed.weight.device)
-        longest = max(len(c) for c in contexts)
-        inputs_embeds = embed(pad_id).expand(len(contexts), longest, -1).clone()
-        attention_mask = torch.zeros(len(contexts), longest, dtype=torch.long, device=embed.weight.device)
-        for i, context in enumerate(contexts):
-            inputs_embeds[i, longest - len(context) :] = context
-            attention_mask[i, longest - len(context) :] = 1
-        outputs = self.model_generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            **self.generation_kwargs(max_new_tokens=max_new_tokens, **generation),
-        )
-        return [self.decode_reply(row) for row in outputs.tolist()]
+        # One options dict for all: the engine runs them as one batch, as one generate call.
+        generation = self.generation_kwargs(max_new_tokens=max_new_tokens, **generation)
+        requests = [self.engine_request({**generation, "inputs_embeds": context.unsqueeze(0)}) for context in contexts]
+        options = requests[0].options
+        for request in requests:
+            request.options = options
+        return [self.decode_reply(result.token_ids) for result in self.engine.generate_many(requests)]
