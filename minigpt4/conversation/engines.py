@@ -153,7 +153,11 @@ class _BatchQueue(ABC):
         with self._lock:
             self._jobs.append(job)
             if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name=self._name, daemon=True)
+                # Not a daemon: a daemon thread still inside torch when the interpreter exits (the
+                # caller got its answer a moment before the worker returned) aborts the process
+                # ("terminate called without an active exception"). The worker ends by itself as
+                # soon as the queue is empty, so waiting for it at exit costs nothing.
+                self._worker = threading.Thread(target=self._work, name=self._name, daemon=False)
                 self._worker.start()
 
     def _take(self) -> list[_Job]:
