@@ -73,6 +73,7 @@ import common
 from minigpt4.conversation import CONV_VISION_Vicuna0, Chat
 from minigpt4.conversation.decode import decode
 from minigpt4.conversation.kv_cache import PrefixCache
+from minigpt4.conversation.stopping import NO_TOKEN
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
 logger = logging.getLogger("bench_chat")
@@ -324,8 +325,12 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
     conv.append_message(conv.roles[1], None)
     embeds = chat.get_context_emb(conv.get_prompt(), img_list)
     model, llm, n = chat.model, chat.model.llama_model, args.decode_tokens
-    vocab = llm.get_output_embeddings().weight.shape[0]
-    stops = [tuple(i + vocab for i in seq) for group in chat.stop_matcher.by_last.values() for seq in group]
+    # The template's stop check, every entry blanked so that it never fires: the random model must
+    # write exactly n tokens, and each step still does the check's work.
+    stops = copy.deepcopy(chat.stop)
+    stops.eos = torch.full_like(stops.eos, NO_TOKEN - 1)
+    if stops.strings is not None:
+        stops.strings.embedding_vec = torch.full_like(stops.strings.embedding_vec, -1)
     compiled = chat.device.type == "cuda"
 
     def once() -> dict[str, float]:
@@ -333,7 +338,7 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
         common.synchronize(chat.device)
         start = time.perf_counter()
         with model.maybe_autocast(model.autocast_dtype):
-            ids = decode(llm, embeds, n, stops, (), steps_per_sync=args.steps_per_sync, compile=compiled,
+            ids = decode(llm, embeds, n, stops, steps_per_sync=args.steps_per_sync, compile=compiled,
                          on_tokens=lambda chunk: arrivals.append(time.perf_counter()))
         if len(ids) != n:
             raise RuntimeError(f"the static decode wrote {len(ids)} tokens, not {n}: something stopped it early")

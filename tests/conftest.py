@@ -39,6 +39,28 @@ REF = TESTS / "data" / "fidelity_reference"
 from minigpt4.common.tiny import TINY_QFORMER, TINY_VIT  # noqa: E402
 
 
+def text_of(tokenizer, ids) -> str:
+    """The text of ``ids`` piece by piece: decoding a piece alone drops sentencepiece's leading
+    space, so an anchor goes in front of each; byte-fallback pieces come out as their bytes."""
+    pieces = tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+    return "".join(tokenizer.convert_tokens_to_string(["a", p])[1:] for p in pieces)
+
+
+def first_stop(tokenizer, ids, stop_text: str, eos_ids=()) -> int | None:
+    """The test's own oracle: the length of the shortest prefix of ``ids`` whose last token is an
+    EOS or ends an occurrence of ``stop_text`` (the text may start in any earlier token); None."""
+    for end in range(1, len(ids) + 1):
+        if ids[end - 1] in eos_ids:
+            return end
+        before, text = len(text_of(tokenizer, ids[: end - 1])), text_of(tokenizer, ids[:end])
+        at = text.find(stop_text)
+        while at != -1:
+            if at + len(stop_text) > before:
+                return end
+            at = text.find(stop_text, at + 1)
+    return None
+
+
 def free_port() -> int:
     """A TCP port on the loopback that nothing listens on right now."""
     with socket.socket() as s:

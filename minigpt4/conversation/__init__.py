@@ -3,7 +3,7 @@ between turns, and the ``Chat`` engine of the demo, the CLI and the server."""
 from minigpt4.conversation.chat import Chat
 from minigpt4.conversation.images import MAX_IMAGE_PIXELS, ImageError, open_image
 from minigpt4.conversation.kv_cache import PrefixCache, common_prefix
-from minigpt4.conversation.stopping import StopMatcher, StoppingCriteriaSub, stop_sequences
+from minigpt4.conversation.stopping import StopCriteria
 from minigpt4.conversation.templates import (
     CONV_TEMPLATES,
     CONV_VISION,
@@ -30,11 +30,9 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "PrefixCache",
     "SeparatorStyle",
-    "StoppingCriteriaSub",
-    "StopMatcher",
+    "StopCriteria",
     "clean_reply",
     "common_prefix",
     "conv_template_for",
     "open_image",
-    "stop_sequences",
 ]

@@ -27,7 +27,7 @@ from minigpt4.common.config import GenerationConfig
 from minigpt4.conversation.engines import Engine, GenerationRequest, GenerationResult, HFEngine, Sampling, hf_generate
 from minigpt4.conversation.images import open_image
 from minigpt4.conversation.kv_cache import _OWN_CACHE, PositionKey, PrefixCache, common_prefix
-from minigpt4.conversation.stopping import StopMatcher, StoppingCriteriaSub, stop_sequences
+from minigpt4.conversation.stopping import StopCriteria
 from minigpt4.conversation.templates import CONV_VISION, IMAGE_MESSAGE, Conversation, clean_reply
 from minigpt4.models.mini_gpt4 import embed_prompt
 
@@ -85,9 +85,9 @@ class Chat:
         config_eos = getattr(model.llama_model.generation_config, "eos_token_id", None)
         eos.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
         eos_ids = sorted(i for i in eos if i is not None)
-        self.stop_matcher = StopMatcher(stop_sequences(tokenizer, conv_template.stop_str, eos_ids))
-        self.stopping_criteria = StoppingCriteriaList([StoppingCriteriaSub(self.stop_matcher)])
-        self.engine = engine if engine is not None else HFEngine(model, self.stop_matcher)
+        self.stop = StopCriteria(tokenizer, conv_template.stop_str, eos_ids)
+        self.stopping_criteria = StoppingCriteriaList([self.stop])
+        self.engine = engine if engine is not None else HFEngine(model, self.stop)
 
     def new_conversation(self) -> Conversation:
         return self.conv_template.copy()
@@ -264,7 +264,7 @@ class Chat:
     def decode_reply(self, token_ids: Sequence[int], stop: Sequence[str] = ()) -> str:
         """The reply's text: cut at the stop words (and at the first of ``stop``), decoded, cleaned."""
         tokenizer = self.model.llama_tokenizer
-        ids = self.stop_matcher.cut(token_ids)
+        ids = self.stop.cut(token_ids)
         # transformers 4.28 put a BOS (and models sometimes an unk) before the new tokens.
         if ids and ids[0] == tokenizer.unk_token_id:
             ids = ids[1:]

@@ -4,9 +4,9 @@ gpt-fast's ``generate.py`` on a transformers LLM. :func:`prefill` runs the promp
 into a static KV cache sized to the prompt + ``max_new_tokens`` rounded up to a multiple of 64 (so
 every prompt in a bucket reuses one compiled graph). :func:`decode_one_token` is the whole step on
 the device: embed the last token, the LLM forward on it, the LM head, argmax or sampling, and the
-stop check (EOS and multi-token stop sequences such as Vicuna's ``###`` spellings). It reads and
-writes only fixed buffers and takes no decision on the host, so ``torch.compile(mode=
-"reduce-overhead")`` captures it as one CUDA graph. The host loop replays it ``steps_per_sync``
+stop check (EOS, and the stop text in any spelling: transformers' ``StopStringCriteria``, tensor
+operations alone). It reads and writes only fixed buffers and takes no decision on the host, so
+``torch.compile(mode="reduce-overhead")`` captures it as one CUDA graph. The host loop replays it ``steps_per_sync``
 times, then copies the new tokens and the "done" flag to pinned memory (``non_blocking``) and
 reads them once: the GPU is never waited on between those steps. On the CPU the same code runs
 eagerly.
@@ -31,30 +31,19 @@ Batch 1 only: one conversation; ``Chat.answer_batch`` keeps using ``generate`` f
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import StaticCache
 
+from minigpt4.conversation.stopping import NO_TOKEN, StopCriteria
+
 CACHE_MULTIPLE = 64
-NO_TOKEN = -2  # before the first token in the stop window: matches no id and no padding
 
 
 def cache_length(positions: int, multiple: int = CACHE_MULTIPLE) -> int:
     """``positions`` rounded up to a multiple of ``multiple``: one compiled graph per bucket."""
     return -(-positions // multiple) * multiple
-
-
-def stop_table(stop_sequences: Iterable[Sequence[int]], eos_ids: Iterable[int], device: torch.device) -> torch.Tensor:
-    """(S, longest) stop sequences and EOS ids, right-aligned, -1 (matches anything) before shorter ones."""
-    sequences = sorted({tuple(int(i) for i in s) for s in stop_sequences if len(s)} | {(int(i),) for i in eos_ids})
-    if not sequences:
-        return torch.full((1, 1), NO_TOKEN - 1, dtype=torch.long, device=device)  # never matches
-    longest = max(len(s) for s in sequences)
-    table = torch.full((len(sequences), longest), -1, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        table[row, longest - len(seq) :] = torch.tensor(seq)
-    return table.to(device)
 
 
 def pick(logits: torch.Tensor, noise: torch.Tensor | None, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -71,13 +60,17 @@ def pick(logits: torch.Tensor, noise: torch.Tensor | None, temperature: torch.Te
 
 
 def record(token: torch.Tensor, tokens: torch.Tensor, written: torch.Tensor, count: torch.Tensor,
-           done: torch.Tensor, window: torch.Tensor, table: torch.Tensor) -> None:
-    """Append ``token``; ``count`` stops growing after the first stop, which sets ``done``."""
+           done: torch.Tensor, window: torch.Tensor, stop: StopCriteria | None) -> None:
+    """Append ``token``; ``count`` stops growing after the first stop, which sets ``done``.
+
+    ``window``: the last ``stop.window`` tokens, what the stop check reads.
+    """
     tokens.index_copy_(0, written, token)
     written.add_(1)
     count.add_((~done).long())
-    window.copy_(torch.cat([window[1:], token]))
-    done.logical_or_(((table == window) | (table == -1)).all(-1).any(0, keepdim=True))
+    if stop is not None:
+        window.copy_(torch.cat([window[1:], token]))
+        done.logical_or_(stop(window.unsqueeze(0)))
 
 
 def prefill(llm, cache: StaticCache, inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -85,13 +78,13 @@ def prefill(llm, cache: StaticCache, inputs_embeds: torch.Tensor) -> torch.Tenso
     return llm(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
-def decode_one_token(llm, cache: StaticCache, tokens, written, count, done, window, table, noise, temperature, top_p) -> None:
+def decode_one_token(llm, cache: StaticCache, tokens, written, count, done, window, stop, noise, temperature, top_p) -> None:
     """One step, all on the device and in place: what one CUDA graph replays."""
     last = tokens.index_select(0, written - 1)
     embeds = llm.get_input_embeddings()(last).unsqueeze(0)
     logits = llm(inputs_embeds=embeds, cache=cache, use_cache=True).logits[:, -1]
     row = None if noise is None else noise.index_select(0, written % noise.shape[0])
-    record(pick(logits, row, temperature, top_p), tokens, written, count, done, window, table)
+    record(pick(logits, row, temperature, top_p), tokens, written, count, done, window, stop)
 
 
 _compiled: dict[str, Callable] = {}
@@ -119,7 +112,6 @@ class _Buffers:
         self.host_state = torch.zeros(2, dtype=torch.long, pin_memory=pin)
         self.noise: torch.Tensor | None = None
         self.window: torch.Tensor | None = None
-        self.table: torch.Tensor | None = None
         for t in (self.tokens, self.written, self.count, self.done, self.temperature, self.top_p):
             torch._dynamo.mark_static_address(t)
 
@@ -140,6 +132,14 @@ class _Buffers:
 _buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def on_device(stop: StopCriteria, device: torch.device) -> None:
+    """``stop``'s tables on ``device``, at addresses a captured graph may keep (no copy per replay)."""
+    stop.to(device)
+    tables = [stop.eos] + ([stop.strings.embedding_vec, stop.strings.target_lens] if stop.strings is not None else [])
+    for t in tables:
+        torch._dynamo.mark_static_address(t)
+
+
 def buffers_for(llm, length: int, device: torch.device) -> _Buffers:
     held = _buffers.get(llm)
     if held is None or held.length != length or held.tokens.device != device:
@@ -153,8 +153,7 @@ def stream_decode(
     llm,
     inputs_embeds: torch.Tensor,
     max_new_tokens: int,
-    stop_sequences: Iterable[Sequence[int]] = (),
-    eos_ids: Iterable[int] = (),
+    stop: StopCriteria | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -167,7 +166,7 @@ def stream_decode(
     ``steps_per_sync`` at a time. Together they are what ``llm.generate(inputs_embeds=...,
     stopping_criteria=..., eos_token_id=...)`` returns for that row (the same ids when greedy).
 
-    ``stop_sequences``: token-id sequences (``stopping.stop_sequences``); ``eos_ids`` stop too.
+    ``stop``: the template's stop text and EOS ids (``Chat.stop``); None: only ``max_new_tokens`` ends it.
     ``do_sample``: temperature, then top-p, then a draw from ``generator`` (on the embeddings'
     device; None: the global RNG). ``steps_per_sync``: steps between host reads; up to
     ``steps_per_sync - 1`` steps past a stop are computed and dropped. ``compile``: the step as a
@@ -185,8 +184,9 @@ def stream_decode(
     b.cache.reset()
     for t in (b.written, b.count, b.done):
         t.zero_()
-    table = b.static("table", stop_table(stop_sequences, eos_ids, device))
-    window = b.static("window", torch.full((table.shape[1],), NO_TOKEN, dtype=torch.long, device=device))
+    window = b.static("window", torch.full((stop.window if stop is not None else 1,), NO_TOKEN, dtype=torch.long, device=device))
+    if stop is not None:
+        on_device(stop, device)
     noise = None
     if do_sample:
         b.temperature.fill_(temperature)
@@ -194,7 +194,7 @@ def stream_decode(
         vocab = llm.get_output_embeddings().weight.shape[0]
         noise = b.static("noise", torch.empty(steps_per_sync, vocab, device=device))
     step = compiled_step() if compile else decode_one_token
-    state = (b.tokens, b.written, b.count, b.done, window, table)
+    state = (b.tokens, b.written, b.count, b.done, window, stop)
 
     def draw(index: int) -> None:
         # One row per token, in order: the same draws whatever steps_per_sync.

@@ -39,7 +39,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from minigpt4.conversation.stopping import StopMatcher
+from minigpt4.conversation.stopping import StopCriteria
 
 logger = logging.getLogger(__name__)
 
@@ -276,20 +276,21 @@ class _RowStops(StoppingCriteria):
     Records the length at which each row ended; a row that ended stays ended (transformers pads it).
     """
 
-    def __init__(self, rows: list[_Row], matcher: StopMatcher, tokenizer):
+    def __init__(self, rows: list[_Row], stop: StopCriteria, tokenizer):
         super().__init__()
-        self.rows, self.matcher, self.tokenizer = rows, matcher, tokenizer
+        self.rows, self.stop, self.tokenizer = rows, stop, tokenizer
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs) -> torch.BoolTensor:
-        for row, ids in zip(self.rows, input_ids.tolist()):
+        stopped = self.stop(input_ids, scores).tolist()
+        for row, ids, at_stop in zip(self.rows, input_ids.tolist(), stopped):
             if row.end is None:
-                reason = self._reason(row, ids)
+                reason = self._reason(row, ids, at_stop)
                 if reason is not None:
                     row.end, row.finish = len(ids), reason
         return torch.tensor([row.end is not None for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
-    def _reason(self, row: _Row, ids: list[int]) -> FinishReason | None:
-        if self.matcher.ends_at(ids, len(ids)):
+    def _reason(self, row: _Row, ids: list[int], at_stop: bool) -> FinishReason | None:
+        if at_stop:
             return "stop"
         stop = row.request.stop
         if stop and any(s in self.tokenizer.decode(ids, skip_special_tokens=True) for s in stop):
@@ -367,10 +368,10 @@ class HFEngine(_BatchQueue, Engine):
     name = "hf"
     reuses_kv_cache = True
 
-    def __init__(self, model, stop_matcher: StopMatcher, max_batch: int = 32):
+    def __init__(self, model, stop: StopCriteria, max_batch: int = 32):
         super().__init__(max_batch, "minigpt4-hf-engine")
         self.model = model
-        self.stop_matcher = stop_matcher
+        self.stop = stop
 
     def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         rows = [_Row(request, streaming=False) for request in requests]
@@ -410,7 +411,7 @@ class HFEngine(_BatchQueue, Engine):
             if row.end is not None:
                 ids = ids[: row.end]
             elif len(rows) > 1:  # ended by a criterion of the caller's: drop the padding after it
-                ids = self.stop_matcher.cut(ids)
+                ids = self.stop.cut(ids)
             finish = row.finish if row.end is not None else ("length" if len(ids) >= row.request.sampling.max_new_tokens else "stop")
             row.complete(ids, finish)
 
@@ -418,7 +419,7 @@ class HFEngine(_BatchQueue, Engine):
         first = rows[0].request
         tokenizer = self.model.llama_tokenizer
         kwargs: dict[str, Any] = dict(
-            stopping_criteria=StoppingCriteriaList([_RowStops(rows, self.stop_matcher, tokenizer)]),
+            stopping_criteria=StoppingCriteriaList([_RowStops(rows, self.stop, tokenizer)]),
             pad_token_id=tokenizer.pad_token_id,
             max_new_tokens=max(row.request.sampling.max_new_tokens for row in rows),
             do_sample=first.sampling.do_sample,

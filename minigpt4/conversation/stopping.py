@@ -1,104 +1,60 @@
-"""Stop words: every token sequence of a vocabulary that spells the template's stop text, plus EOS."""
+"""Where a reply ends: the template's stop text, in any spelling, or an EOS id.
+
+The stop text is transformers' :class:`~transformers.StopStringCriteria`: it knows every token
+sequence that spells the text (in the LLaMA vocabulary ``###`` alone, ``##`` + ``#``, three
+byte-fallback ``<0x23>``, ...) from the tokenizer's vocabulary, and checks a batch with tensor
+operations alone, each row on its own. :class:`StopCriteria` adds the EOS ids and the two uses this
+package has beyond ``generate``: cutting a finished token list at its first stop, and the same
+check inside a captured CUDA graph (``decode.py``).
+"""
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import torch
-from transformers import StoppingCriteria
+from transformers import StoppingCriteria, StopStringCriteria
 
-from minigpt4.conversation.templates import STOP_TEXT
-
-
-def _token_text(tokenizer, token: str) -> str:
-    # Decoding a piece alone drops sentencepiece's leading space; an anchor in front keeps it,
-    # and "▁##" after "#" must not count as "###".
-    return tokenizer.convert_tokens_to_string(["a", token])[1:]
+# Stands for "no token" in a window of ids: beyond every vocabulary, so it spells nothing
+# (StopStringCriteria clamps it to its row for unknown ids) and is no EOS.
+NO_TOKEN = 2**62
 
 
-def stop_sequences(tokenizer, stop_text: str | None = STOP_TEXT, eos_token_ids: Sequence[int] = ()) -> set[tuple[int, ...]]:
-    """Every token-id sequence that completes ``stop_text`` in its last token, plus each EOS.
+class StopCriteria(StoppingCriteria):
+    """Per row of ``input_ids``: whether its last tokens complete ``stop_text`` or its last is an EOS.
 
-    A sequence is either one token whose text contains ``stop_text``, or a token ending in part
-    of it, then tokens made only of its characters, then a token starting with the rest: in the
-    LLaMA vocabulary ``###`` alone, ``##`` + ``#``, byte-fallback ``<0x23>`` three times, ...
-    Only ``stop_text`` made of one repeated character (``###``) is supported; None stops at EOS only.
+    ``stop_text`` None: EOS only (the Llama-2 and ChatML templates end at a special token).
+    Pure tensor operations on the last :attr:`window` ids, with no host read: usable in ``generate``
+    and inside a CUDA graph. :meth:`to` moves the tables to the device once, before a capture.
     """
-    if stop_text is None:
-        return {(i,) for i in eos_token_ids}
-    char = stop_text[0]
-    if set(stop_text) != {char}:
-        raise ValueError(f"stop_text '{stop_text}': only a repeated single character is supported")
-    n = len(stop_text)
-    special = set(tokenizer.all_special_ids)
-    texts: dict[int, str] = {}
-    for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
-        if token is None or token_id in special:
-            continue
-        # Byte-fallback pieces (<0x23>) hide the character, so they are decoded too.
-        if char in token or token.startswith("<0x"):
-            text = _token_text(tokenizer, token)
-            if char in text:
-                texts[token_id] = text
 
-    def leading(text: str) -> int:
-        return len(text) - len(text.lstrip(char))
+    def __init__(self, tokenizer, stop_text: str | None, eos_ids: Sequence[int] = ()):
+        super().__init__()
+        self.stop_text = stop_text
+        self.strings = StopStringCriteria(tokenizer, [stop_text]) if stop_text else None
+        self.eos = torch.tensor(sorted({int(i) for i in eos_ids if i is not None}), dtype=torch.long)
+        # A stop text of n characters is spelled by at most n tokens (each carries at least one).
+        self.window = self.strings.maximum_token_len if self.strings is not None else 1
 
-    def trailing(text: str) -> int:
-        return len(text) - len(text.rstrip(char))
+    def to(self, device: torch.device | str) -> "StopCriteria":
+        self.eos = self.eos.to(device)
+        if self.strings is not None:
+            self.strings.embedding_vec = self.strings.embedding_vec.to(device)
+            self.strings.target_lens = self.strings.target_lens.to(device)
+        return self
 
-    sequences: set[tuple[int, ...]] = {(i,) for i, t in texts.items() if stop_text in t}
-    partial = {i: t for i, t in texts.items() if stop_text not in t}
-    pure = {i: len(t) for i, t in partial.items() if t == char * len(t)}
-
-    def before(need: int) -> list[tuple[int, ...]]:
-        """Token sequences whose text ends with at least ``need`` stop characters."""
-        found = [(i,) for i, t in partial.items() if trailing(t) >= need]
-        for i, length in pure.items():
-            if length < need:
-                found += [prefix + (i,) for prefix in before(need - length)]
-        return found
-
-    for last, text in partial.items():
-        if 0 < leading(text) < n:
-            for prefix in before(n - leading(text)):
-                # Generation would already have stopped inside a prefix that spells it.
-                if stop_text not in "".join(texts[i] for i in prefix):
-                    sequences.add(prefix + (last,))
-    sequences.update((int(i),) for i in eos_token_ids if i is not None)
-    return sequences
-
-
-class StopMatcher:
-    """Finds where a generated token list first completes one of the stop sequences."""
-
-    def __init__(self, sequences: set[tuple[int, ...]]):
-        self.by_last: dict[int, list[tuple[int, ...]]] = {}
-        for seq in sequences:
-            self.by_last.setdefault(seq[-1], []).append(seq)
-
-    def ends_at(self, ids: Sequence[int], end: int) -> bool:
-        """Whether ``ids[:end]`` ends with a stop sequence."""
-        for seq in self.by_last.get(ids[end - 1], ()):
-            if end >= len(seq) and tuple(ids[end - len(seq) : end]) == seq:
-                return True
-        return False
+    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
+        done = torch.isin(input_ids[:, -1], self.eos.to(input_ids.device))
+        if self.strings is not None:
+            done = done | self.strings(input_ids, scores)
+        return done
 
     def cut(self, ids: Sequence[int]) -> list[int]:
-        """``ids`` up to and including the first stop sequence."""
-        ids = list(ids)
-        for end in range(1, len(ids) + 1):
-            if self.ends_at(ids, end):
-                return ids[:end]
-        return ids
-
-
-class StoppingCriteriaSub(StoppingCriteria):
-    """Per sequence: stop once the generated tokens end with a stop sequence."""
-
-    def __init__(self, matcher: StopMatcher):
-        super().__init__()
-        self.matcher = matcher
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs) -> torch.BoolTensor:
-        rows = input_ids.tolist()
-        return torch.tensor([self.matcher.ends_at(row, len(row)) for row in rows], dtype=torch.bool, device=input_ids.device)
+        """``ids`` up to and including the first stop; all of them when none stops."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return ids
+        # One row per prefix: the window of ids that ends it, in one batched check (on the
+        # tables' device, so that they stay where a captured graph holds them).
+        padded = torch.tensor([NO_TOKEN] * (self.window - 1) + ids, dtype=torch.long, device=self.eos.device)
+        ends = self(padded.unfold(0, self.window, 1)).nonzero()
+        return ids[: int(ends[0]) + 1] if len(ends) else ids

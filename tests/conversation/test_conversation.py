@@ -12,17 +12,16 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from conftest import REF
+from conftest import REF, first_stop, text_of
 from minigpt4.conversation import (
     CONV_VISION_LLama2,
     CONV_VISION_Vicuna0,
     IMAGE_MESSAGE,
     Chat,
     ImageError,
+    StopCriteria,
     open_image,
-    stop_sequences,
 )
-from minigpt4.conversation.stopping import _token_text
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
 TEMPLATES = {"vicuna0": CONV_VISION_Vicuna0, "llama2": CONV_VISION_LLama2}
@@ -180,13 +179,14 @@ def test_context_is_truncated_with_a_warning(chats, caplog):
 
 
 # ---- stop words --------------------------------------------------------------------------------
-def text_of(tokenizer, ids):
-    return "".join(_token_text(tokenizer, t) for t in tokenizer.convert_ids_to_tokens(list(ids)))
+def hash_tokens(tokenizer) -> list[int]:
+    """Every piece whose text holds "#": only these can take part in spelling "###"."""
+    return [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids and "#" in text_of(tokenizer, [i])]
 
 
-def brute_force_stops(tokenizer):
-    """Minimal token sequences whose text holds "###": only tokens holding "#" can take part."""
-    hashes = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids and "#" in text_of(tokenizer, [i])]
+def brute_force_stops(tokenizer) -> set[tuple[int, ...]]:
+    """Minimal token sequences whose text holds "###"."""
+    hashes = hash_tokens(tokenizer)
     found = set()
     for n in (1, 2, 3):
         for seq in itertools.product(hashes, repeat=n):
@@ -195,18 +195,34 @@ def brute_force_stops(tokenizer):
     return found
 
 
-def test_stop_words_are_every_spelling_of_the_stop_sign(chats, sp_llama_dir):
+def test_stop_text_ends_a_reply_in_every_spelling_and_only_there(chats, sp_llama_dir):
     from minigpt4.models.llm import load_llm_tokenizer
 
     reference = chats["vicuna0"].model.llama_tokenizer
-    stops = stop_sequences(reference, "###", [reference.eos_token_id])
+    stop = StopCriteria(reference, "###", [reference.eos_token_id])
     ids = {t: reference.convert_tokens_to_ids(t) for t in ("▁###", "##", "#", "<0x23>", "▁##")}
-    assert {(ids["▁###"],), (ids["##"], ids["#"]), (ids["#"], ids["<0x23>"], ids["#"]), (2,)} <= stops
-    assert (ids["#"], ids["▁##"]) not in stops  # "# ##" is not the stop sign
-    assert stops - {(2,)} == brute_force_stops(reference)
-    # Another vocabulary, trained in the test: its own ids, found the same way.
+    spellings = brute_force_stops(reference)
+    assert {(ids["▁###"],), (ids["##"], ids["#"]), (ids["#"], ids["<0x23>"], ids["#"])} <= spellings
+    lead = reference("The square", add_special_tokens=False).input_ids
+    for seq in spellings | {(reference.eos_token_id,)}:
+        assert stop.cut(lead + list(seq) + lead) == lead + list(seq), seq
+    assert stop.cut(lead + [ids["#"], ids["▁##"]] + lead) == lead + [ids["#"], ids["▁##"]] + lead  # "# ##" is not "###"
+    # Every run of up to three "#" pieces after a word, against the oracle: the stop fires exactly
+    # where the text first holds "###" ending in the last piece.
+    hashes = hash_tokens(reference)
+    for n in (1, 2, 3):
+        for seq in itertools.product(hashes, repeat=n):
+            row = lead + list(seq)
+            assert len(stop.cut(row)) == (first_stop(reference, row, "###") or len(row)), seq
+    # A batch: each row stops on its own.
+    rows = torch.tensor([lead + [ids["##"], ids["#"]], lead + [ids["#"], ids["▁##"]], [ids["▁###"]] * len(lead) + lead[:1] + [reference.eos_token_id]])
+    assert stop(rows).tolist() == [True, False, True]
+    # Another vocabulary, trained in the test: its own spellings, found the same way.
     other = load_llm_tokenizer(str(sp_llama_dir), "$$")
-    assert stop_sequences(other) == brute_force_stops(other)
+    other_stop = StopCriteria(other, "###")
+    assert brute_force_stops(other)
+    for seq in brute_force_stops(other):
+        assert other_stop.cut(list(seq) * 2) == list(seq), seq
 
 
 class Script(LogitsProcessor):
@@ -228,11 +244,12 @@ def test_reply_ends_at_each_stop_spelling_and_eos(chats, variant):
     chat = chats[variant]
     tokenizer = chat.model.llama_tokenizer
     lead = tokenizer("The square", add_special_tokens=False).input_ids
-    stops = sorted(stop_sequences(tokenizer, chat.conv_template.stop_str, [tokenizer.eos_token_id]))
     if variant == "vicuna0":
+        stops = sorted(brute_force_stops(tokenizer)) + [(tokenizer.eos_token_id,)]
         assert len(stops) > 10
     else:  # the original's Llama-2 chat stops at EOS only
-        assert stops == [(tokenizer.eos_token_id,)]
+        assert chat.stop.strings is None
+        stops = [(tokenizer.eos_token_id,)]
     conv, img_list = chat.new_conversation(), []
     chat.upload_img(REF / "img0.png", conv, img_list)
     for stop in stops:

@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import StoppingCriteriaList
 
-from minigpt4.conversation import CONV_VISION_Vicuna0, Chat, stop_sequences
+from conftest import first_stop, text_of
+from minigpt4.conversation import CONV_VISION_Vicuna0, Chat, StopCriteria
 from minigpt4.conversation import decode as decode_module
-from minigpt4.conversation.decode import cache_length, decode, record, stop_table
-from minigpt4.conversation.stopping import StopMatcher, StoppingCriteriaSub
+from minigpt4.conversation.decode import cache_length, decode, record
+from minigpt4.conversation.stopping import NO_TOKEN
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
 N = 48  # new tokens: six chunks of 8 after the first token
@@ -34,12 +35,12 @@ def context(chat: Chat, image, question: str) -> torch.Tensor:
     return chat.get_context_emb(conv.get_prompt(), img_list)
 
 
-def generate(llm, embeds: torch.Tensor, max_new_tokens: int, sequences, eos_ids) -> list[int]:
-    criteria = StoppingCriteriaList([StoppingCriteriaSub(StopMatcher(set(sequences) | {(i,) for i in eos_ids}))])
+def generate(llm, embeds: torch.Tensor, max_new_tokens: int, stop: StopCriteria | None = None) -> list[int]:
+    eos_ids = stop.eos.tolist() if stop is not None else []
     with torch.no_grad():
         out = llm.generate(
             inputs_embeds=embeds, max_new_tokens=max_new_tokens, do_sample=False,
-            stopping_criteria=criteria, eos_token_id=list(eos_ids) or None,
+            stopping_criteria=StoppingCriteriaList([stop] if stop is not None else []), eos_token_id=eos_ids or None,
         )
     return out[0].tolist()
 
@@ -56,85 +57,98 @@ def tiny(tiny_models, tiny_images):
     chat = Chat(model, Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0)
     tokenizer = model.llama_tokenizer
     embeds = context(chat, tiny_images[0], "What is in the picture?")
-    vicuna = stop_sequences(tokenizer, CONV_VISION_Vicuna0.stop_str)
-    free = generate(model.llama_model, embeds, N, (), ())
+    free = generate(model.llama_model, embeds, N)
     assert len(free) == N
-    return model.llama_model, embeds, vicuna, [tokenizer.eos_token_id], free
+    return model.llama_model, embeds, tokenizer, free
+
+
+def stops(tokenizer, text: str | None = "###", eos_ids=None) -> StopCriteria:
+    return StopCriteria(tokenizer, text, [tokenizer.eos_token_id] if eos_ids is None else eos_ids)
 
 
 @pytest.mark.parametrize("steps_per_sync", [1, 8])
 def test_greedy_equals_generate_over_48_tokens(tiny, steps_per_sync):
-    llm, embeds, _, eos, free = tiny
-    ids = decode(llm, embeds, N, (), eos, steps_per_sync=steps_per_sync)
-    assert ids == generate(llm, embeds, N, (), eos) == free and len(ids) == N
+    llm, embeds, tokenizer, free = tiny
+    eos = stops(tokenizer, None)
+    ids = decode(llm, embeds, N, eos, steps_per_sync=steps_per_sync)
+    assert ids == generate(llm, embeds, N, eos) == free and len(ids) == N
 
 
 @pytest.mark.parametrize("steps_per_sync", [1, 8])
-def test_vicuna_stop_sequences_end_the_reply_at_its_hashes(tiny, steps_per_sync):
-    llm, embeds, vicuna, eos, free = tiny
-    expected = StopMatcher(vicuna).cut(free)
+def test_vicuna_stop_text_ends_the_reply_at_its_hashes(tiny, steps_per_sync):
+    llm, embeds, tokenizer, free = tiny
+    vicuna = stops(tokenizer, CONV_VISION_Vicuna0.stop_str)
+    expected = free[: first_stop(tokenizer, free, "###", [tokenizer.eos_token_id])]
     assert len(expected) < N  # the tiny model writes "###" early, as a chat model does
-    ids = decode(llm, embeds, N, vicuna, eos, steps_per_sync=steps_per_sync)
-    assert ids == generate(llm, embeds, N, vicuna, eos) == expected
+    ids = decode(llm, embeds, N, vicuna, steps_per_sync=steps_per_sync)
+    assert ids == generate(llm, embeds, N, vicuna) == expected
 
 
 @pytest.mark.parametrize("steps_per_sync", [1, 8])
 def test_multi_token_stop_mid_chunk_ends_the_reply_without_leaking(tiny, steps_per_sync):
-    llm, embeds, _, eos, free = tiny
-    # Three tokens the model writes, the last new at index 12 or later: inside the third chunk of 8 or after.
+    llm, embeds, tokenizer, free = tiny
+    # The text of three tokens the model writes, the last new at index 12 or later: inside the
+    # third chunk of 8 or after.
     end = first_new_at(free, 12)
-    stop = tuple(free[end - 2 : end + 1])
-    assert len(StopMatcher({stop}).cut(free)) == end + 1 and (end + 1) % 8 != 1  # not on a chunk's first token
+    text = text_of(tokenizer, free[end - 2 : end + 1])
+    stop = stops(tokenizer, text)
+    length = first_stop(tokenizer, free, text)
+    assert 12 < length <= end + 1 and length % 8 != 1  # not on a chunk's first token
     chunks: list[list[int]] = []
-    ids = decode(llm, embeds, N, {stop}, eos, steps_per_sync=steps_per_sync, on_tokens=chunks.append)
-    assert ids == generate(llm, embeds, N, {stop}, eos) == free[: end + 1]
+    ids = decode(llm, embeds, N, stop, steps_per_sync=steps_per_sync, on_tokens=chunks.append)
+    assert ids == generate(llm, embeds, N, stop) == free[:length]
     assert list(itertools.chain(*chunks)) == ids
 
 
 @pytest.mark.parametrize("steps_per_sync", [1, 8])
 def test_eos_mid_chunk_ends_the_reply(tiny, steps_per_sync):
-    llm, embeds, _, _, free = tiny
+    llm, embeds, tokenizer, free = tiny
     end = first_new_at(free, 20)
     assert (end + 1) % 8 != 1
-    ids = decode(llm, embeds, N, (), [free[end]], steps_per_sync=steps_per_sync)
-    assert ids == generate(llm, embeds, N, (), [free[end]]) == free[: end + 1]
+    eos = stops(tokenizer, None, [free[end]])
+    ids = decode(llm, embeds, N, eos, steps_per_sync=steps_per_sync)
+    assert ids == generate(llm, embeds, N, eos) == free[: end + 1]
 
 
 def test_chunks_stream_the_first_token_then_steps_per_sync(tiny):
-    llm, embeds, _, _, free = tiny
+    llm, embeds, _, free = tiny
     chunks: list[list[int]] = []
     assert decode(llm, embeds, 20, steps_per_sync=8, on_tokens=chunks.append) == free[:20]
     assert [len(c) for c in chunks] == [1, 8, 8, 3]
 
 
 def test_one_new_token_is_the_prefill_token(tiny):
-    llm, embeds, _, _, free = tiny
+    llm, embeds, _, free = tiny
     assert decode(llm, embeds, 1) == free[:1]
 
 
-def test_device_stop_check_agrees_with_stop_matcher():
+def test_device_stop_check_agrees_with_the_oracle(tiny):
+    # Random streams of "#" pieces and words: the step's in-place check (a window of the last
+    # tokens through StopStringCriteria) stops where the text first holds "###", as cut() does.
+    _, _, tokenizer, _ = tiny
+    stop = stops(tokenizer)
+    alphabet = [i for i in range(len(tokenizer)) if "#" in text_of(tokenizer, [i])] + tokenizer("The red square", add_special_tokens=False).input_ids
     rng = random.Random(0)
-    for _ in range(200):
-        sequences = {tuple(rng.randrange(6) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 4))}
-        stream = [rng.randrange(6) for _ in range(12)]
-        table = stop_table(sequences, (), torch.device("cpu"))
+    for _ in range(300):
+        stream = [rng.choice(alphabet) for _ in range(12)]
         tokens, written, count = torch.zeros(12, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
-        done, window = torch.zeros(1, dtype=torch.bool), torch.full((table.shape[1],), -2, dtype=torch.long)
+        done, window = torch.zeros(1, dtype=torch.bool), torch.full((stop.window,), NO_TOKEN, dtype=torch.long)
         for token in stream:
-            record(torch.tensor([token]), tokens, written, count, done, window, table)
-        assert stream[: int(count)] == StopMatcher(sequences).cut(stream), (sequences, stream)
-        assert bool(done) == (int(count) < len(stream) or StopMatcher(sequences).ends_at(stream, len(stream)))
+            record(torch.tensor([token]), tokens, written, count, done, window, stop)
+        expected = first_stop(tokenizer, stream, "###", [tokenizer.eos_token_id]) or len(stream)
+        assert int(count) == len(stop.cut(stream)) == expected, stream
+        assert bool(done) == (first_stop(tokenizer, stream, "###", [tokenizer.eos_token_id]) is not None)
 
 
 def test_cache_is_bucketed_and_kept_between_answers(tiny):
-    llm, embeds, _, _, free = tiny
+    llm, embeds, _, free = tiny
     assert cache_length(1) == cache_length(64) == 64 and cache_length(65) == 128
     decode(llm, embeds, 8)
     held = decode_module._buffers[llm]
     assert held.length == cache_length(embeds.shape[1] + 8) and held.length % 64 == 0
     # A shorter prompt in the same bucket reuses the cache (its graph, on a GPU) and still decodes right.
     shorter = embeds[:, 1:]
-    assert decode(llm, shorter, 9) == generate(llm, shorter, 9, (), ())
+    assert decode(llm, shorter, 9) == generate(llm, shorter, 9)
     assert decode_module._buffers[llm] is held
 
 
@@ -145,7 +159,7 @@ def sample(llm, embeds, seed: int, steps_per_sync: int = 8, **kwargs) -> list[in
 
 
 def test_seeded_sampling_is_reproducible_whatever_steps_per_sync(tiny):
-    llm, embeds, _, _, free = tiny
+    llm, embeds, _, free = tiny
     first = sample(llm, embeds, seed=0)
     torch.manual_seed(123)  # the global RNG plays no part
     assert sample(llm, embeds, seed=0) == first
@@ -155,7 +169,7 @@ def test_seeded_sampling_is_reproducible_whatever_steps_per_sync(tiny):
 
 
 def test_top_p_and_temperature_narrow_sampling_to_greedy(tiny):
-    llm, embeds, _, _, free = tiny
+    llm, embeds, _, free = tiny
     assert sample(llm, embeds, seed=0, top_p=1e-6) == free[:32]  # only the likeliest token is left
     assert sample(llm, embeds, seed=0, temperature=1e-4, top_p=1.0) == free[:32]
 
@@ -164,13 +178,14 @@ def test_top_p_and_temperature_narrow_sampling_to_greedy(tiny):
 def test_the_step_traces_as_one_graph(tiny):
     # fullgraph=True fails on any graph break (a host sync, an unsupported call): what CUDA graph
     # capture needs. The eager backend traces without generating kernels, so this runs on a CPU.
-    llm, embeds, vicuna, eos, free = tiny
-    expected = StopMatcher(vicuna).cut(free)
+    llm, embeds, tokenizer, free = tiny
+    vicuna, eos = stops(tokenizer), stops(tokenizer, None)
+    expected = free[: first_stop(tokenizer, free, "###", [tokenizer.eos_token_id])]
     decode_module._compiled["step"] = torch.compile(decode_module.decode_one_token, backend="eager", fullgraph=True, dynamic=False)
     try:
-        assert decode(llm, embeds, N, (), eos, compile=True) == free
-        assert decode(llm, embeds, N, vicuna, eos, compile=True) == expected
-        assert decode(llm, embeds, 24, vicuna, eos, do_sample=True, generator=torch.Generator().manual_seed(0), compile=True)
+        assert decode(llm, embeds, N, eos, compile=True) == free
+        assert decode(llm, embeds, N, vicuna, compile=True) == expected
+        assert decode(llm, embeds, 24, vicuna, do_sample=True, generator=torch.Generator().manual_seed(0), compile=True)
     finally:
         decode_module._compiled.clear()
 
@@ -188,23 +203,23 @@ def test_nano_greedy_equals_generate(nano_chat, tiny_images, steps_per_sync):
     chat = nano_chat
     llm = chat.model.llama_model
     embeds = context(chat, tiny_images[1], "Describe this image in detail.")
-    sequences = [s for group in chat.stop_matcher.by_last.values() for s in group]
-    free = generate(llm, embeds, N, (), ())
+    free = generate(llm, embeds, N)
     assert decode(llm, embeds, N, steps_per_sync=steps_per_sync) == free and len(free) == N
-    stopped = generate(llm, embeds, N, sequences, ())
-    assert decode(llm, embeds, N, sequences, steps_per_sync=steps_per_sync) == stopped
+    stopped = generate(llm, embeds, N, chat.stop)
+    assert decode(llm, embeds, N, chat.stop, steps_per_sync=steps_per_sync) == stopped
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("steps_per_sync", [1, 8])
 def test_cuda_graph_greedy_equals_generate(tiny, steps_per_sync):
-    llm, embeds, vicuna, eos, free = tiny
+    llm, embeds, tokenizer, free = tiny
     llm, embeds = copy.deepcopy(llm).cuda(), embeds.cuda()
     end = first_new_at(free, 12)
-    stops = {tuple(free[end - 2 : end + 1])}
-    expected = generate(llm, embeds, N, stops, eos)
-    assert len(expected) == end + 1  # the stop fired mid-chunk
+    text = text_of(tokenizer, free[end - 2 : end + 1])
+    stop, vicuna = stops(tokenizer, text), stops(tokenizer)
+    expected = generate(llm, embeds, N, stop)
+    assert 12 < len(expected) <= end + 1  # the stop fired mid-chunk
     for prompt in (embeds, embeds[:, 1:], embeds):  # compile and capture, then replay in the same bucket
-        reference = expected if prompt is embeds else generate(llm, prompt, N, stops, eos)
-        assert decode(llm, prompt, N, stops, eos, steps_per_sync=steps_per_sync, compile=True) == reference
-    assert decode(llm, embeds, N, vicuna, eos, steps_per_sync=steps_per_sync, compile=True) == generate(llm, embeds, N, vicuna, eos)
+        reference = expected if prompt is embeds else generate(llm, prompt, N, stop)
+        assert decode(llm, prompt, N, stop, steps_per_sync=steps_per_sync, compile=True) == reference
+    assert decode(llm, embeds, N, vicuna, steps_per_sync=steps_per_sync, compile=True) == generate(llm, embeds, N, vicuna)
