@@ -259,10 +259,11 @@ def run_mode(mode: Mode, stage: Stage, section: dict[str, Any], batches: list[di
             batches = [{"image_features": model.vision_features(b["image"]), "answer": b["answer"]} for b in batches]
 
     losses: list[float] = []
-    order = iter(batches)
-    cache = feature_cache(model, stage, batches, args, use_amp, mode.amp_dtype) if mode.cache else None
-    if cache is not None:
+    cache = None
+    if mode.cache:
+        cache, batches = feature_cache(model, stage, batches, use_amp, mode.amp_dtype)
         result["views_per_image"] = stage.views_per_image
+    order = iter(batches)
 
     def step() -> None:
         # RunnerBase.train_epoch's iteration with accum_grad_iters 1 and no clipping
@@ -310,23 +311,25 @@ def run_mode(mode: Mode, stage: Stage, section: dict[str, Any], batches: list[di
     return result
 
 
-def feature_cache(model, stage: Stage, batches: list[dict[str, Any]], args, use_amp: bool, amp_dtype: torch.dtype):
-    """The runner's ``FeatureCache`` in a temporary folder, and image keys on every batch: per
-    batch, 1 / views of the images are new (computed and written in the step), the others seen
-    before (their entries written here, untimed)."""
+def feature_cache(model, stage: Stage, batches: list[dict[str, Any]], use_amp: bool, amp_dtype: torch.dtype):
+    """The runner's ``FeatureCache`` in a temporary folder, and copies of ``batches`` with image
+    keys (the other modes' batches stay as they are): per batch, 1 / views of the images are new
+    (computed and written in the step), the others seen before (their entries written here, untimed)."""
     from minigpt4.common.feature_cache import FeatureCache
 
     root = Path(tempfile.mkdtemp(prefix="bench-train-features-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     cache = FeatureCache(root, model.vision_fingerprint(amp=use_amp, amp_dtype=amp_dtype))
     new_per_batch = max(1, round(stage.batch_size / stage.views_per_image))
+    keyed = []
     for b, samples in enumerate(batches):
-        samples["image_key"] = [f"{'new' if i < new_per_batch else 'seen'}-{b}-{i}" for i in range(stage.batch_size)]
+        keys = [f"{'new' if i < new_per_batch else 'seen'}-{b}-{i}" for i in range(stage.batch_size)]
+        keyed.append({**samples, "image_key": keys})
         seen = list(range(new_per_batch, stage.batch_size))
         if seen:
             with torch.no_grad(), torch.autocast(model.device.type, dtype=amp_dtype, enabled=use_amp):
-                cache.features([samples["image_key"][i] for i in seen], samples["image"][seen], model.vision_features)
-    return cache
+                cache.features([keys[i] for i in seen], samples["image"][seen], model.vision_features)
+    return cache, keyed
 
 
 # ---- stages and the record ----------------------------------------------------------------------

@@ -56,11 +56,11 @@ def hub_source(repo_id: str) -> str:
     twice) before transformers gives up; here one quick probe decides, and the error says what to do.
     """
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
         return snapshot_download(repo_id, local_files_only=True)  # downloaded before: no network needed
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+    except (OSError, ValueError):  # not in the local cache (LocalEntryNotFoundError is both), or not a repo id
         pass
     todo = f"download it where there is network (huggingface-cli download {repo_id}) and set {KEY} to that folder"
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
