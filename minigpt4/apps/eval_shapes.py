@@ -6,7 +6,7 @@ Three protocols, each printed as a section of one JSON line:
 
 - ``single``: every scene is asked three questions in fresh conversations, answered greedily in
   batches: "Describe this image." (exact-scene accuracy: every (colour, shape) named, nothing
-  extra), "How many shapes are there?" (counting accuracy) and, where a shape kind occurs once,
+  extra; "in order" also asks that they are named left to right, as the truth does), "How many shapes are there?" (counting accuracy) and, where a shape kind occurs once,
   "What colour is the <shape>?" (colour accuracy). Its figures are also the top-level keys.
 - ``conversation``: one chat per scene, as a demo user would: "Describe this image." and three
   follow-ups (how many, what colour, where, is there), some about "it", each answered with the
@@ -39,6 +39,7 @@ from minigpt4.datasets.datasets.synthetic_shapes import (
     conversation,
     describe,
     draw_shape,
+    object_sequence,
     parse_objects,
     questions,
 )
@@ -56,7 +57,7 @@ SCORED_AS = {"describe": "exact_scene", "count": "count", "colour": "colour", "w
 def evaluate(chat, num_scenes: int = 200, seed: int = HELD_OUT_SEED, batch_size: int = 16, image_size: int = 64, show_progress: bool = True) -> dict[str, Any]:
     """The ``single`` protocol: three questions per scene, each in a fresh conversation."""
     scenes = SyntheticShapesDataset(lambda image: image, num_samples=num_scenes, image_size=image_size, seed=seed)
-    exact = counted = coloured = colour_asked = 0
+    exact = in_order = counted = coloured = colour_asked = 0
     examples = []
     batches = range(0, num_scenes, batch_size)
     for start in tqdm(batches, desc="single", disable=not show_progress):
@@ -73,6 +74,7 @@ def evaluate(chat, num_scenes: int = 200, seed: int = HELD_OUT_SEED, batch_size:
         for (kind, truth), reply in zip(checks, replies):
             if kind == "describe":
                 exact += describes_scene(reply, describe(truth))
+                in_order += describes_layout(reply, describe(truth))
                 if len(examples) < 5:
                     examples.append({"truth": describe(truth), "reply": reply})
             elif kind == "count":
@@ -84,6 +86,7 @@ def evaluate(chat, num_scenes: int = 200, seed: int = HELD_OUT_SEED, batch_size:
         "scenes": num_scenes,
         "seed": seed,
         "exact_scene_accuracy": exact / num_scenes,
+        "exact_scene_in_order_accuracy": in_order / num_scenes,
         "counting_accuracy": counted / num_scenes,
         "colour_accuracy": coloured / max(colour_asked, 1),
         "examples": examples,
@@ -98,6 +101,11 @@ def _words(reply: str) -> list[str]:
 def describes_scene(reply: str, truth: str) -> bool:
     """Exact scene: the reply names every (colour, shape) of the true description, nothing more."""
     return parse_objects(reply) == parse_objects(truth)
+
+
+def describes_layout(reply: str, truth: str) -> bool:
+    """Exact scene in order: the same (colour, shape) pairs, named left to right as the truth does."""
+    return object_sequence(reply) == object_sequence(truth)
 
 
 def counts_right(reply: str, count: int) -> bool:
@@ -184,13 +192,14 @@ def evaluate_conversations(
 ) -> dict[str, Any]:
     """The ``conversation`` protocol: a 4-turn chat per scene, scored turn by turn."""
     scenes = SyntheticShapesDataset(lambda image: image, num_samples=num_scenes, image_size=image_size, seed=seed)
-    first, follow_ups, examples = [], [], []
+    first, first_in_order, follow_ups, examples = [], [], [], []
     for i in tqdm(range(num_scenes), desc="conversation", disable=not show_progress):
         scene, image = scenes.scene(i)
         turns = conversation_turns(scene, seed, i)
         replies = chat_through(chat, image, turns)
         oks = [score_turn(turn, scene, reply) for turn, reply in zip(turns, replies)]
         first.append(oks[0])
+        first_in_order.append(oks[0] and describes_layout(replies[0], turns[0].answer))
         follow_ups += list(zip(turns[1:], oks[1:]))
         if len(examples) < num_examples:
             examples.append(
@@ -204,6 +213,7 @@ def evaluate_conversations(
         "seed": seed,
         "turns": CONVERSATION_TURNS,
         "first_turn_exact_scene": _figure(first),
+        "first_turn_exact_scene_in_order": _figure(first_in_order),
         "follow_ups": conversation_figures(follow_ups),
         "examples": examples,
     }
@@ -264,21 +274,23 @@ def evaluate_renderer(
 ) -> dict[str, Any]:
     """The ``renderer`` protocol: "Describe this image." on scenes drawn by :func:`render_other`."""
     scenes = SyntheticShapesDataset(lambda image: image, num_samples=num_scenes, image_size=image_size, seed=seed)
-    results: list[tuple[int, bool]] = []
+    results: list[tuple[int, bool, bool]] = []
     examples = []
     for start in tqdm(range(0, num_scenes, batch_size), desc="renderer", disable=not show_progress):
         items = [other_scene(scenes, i) for i in range(start, min(start + batch_size, num_scenes))]
         # greedy, as the single protocol, so the two exact-scene figures differ only by the drawing
         replies = chat.answer_batch([image for _, image in items], QUESTIONS["describe"], do_sample=False, max_new_tokens=40)
         for (shapes, _), reply in zip(items, replies):
-            results.append((len(shapes), describes_scene(reply, describe(shapes))))
+            truth = describe(shapes)
+            results.append((len(shapes), describes_scene(reply, truth), describes_layout(reply, truth)))
             if len(examples) < 5:
                 examples.append({"truth": describe(shapes), "reply": reply})
     return {
         "scenes": num_scenes,
         "seed": seed,
-        "exact_scene": _figure([ok for _, ok in results]),
-        "exact_scene_three_shapes": _figure([ok for n, ok in results if n == 3]),
+        "exact_scene": _figure([ok for _, ok, _ in results]),
+        "exact_scene_three_shapes": _figure([ok for n, ok, _ in results if n == 3]),
+        "exact_scene_in_order": _figure([ok for _, _, ok in results]),
         "examples": examples,
     }
 

@@ -14,6 +14,7 @@ from minigpt4.apps.eval_shapes import (
     conversation_figures,
     conversation_turns,
     counts_right,
+    describes_layout,
     describes_scene,
     evaluate_conversations,
     evaluate_renderer,
@@ -32,6 +33,14 @@ def test_exact_scene_needs_every_shape_and_nothing_more():
     assert describes_scene("a red circle, a blue square and a green triangle.", truth)
     assert not describes_scene("a red circle and a blue square.", truth)
     assert not describes_scene("a red circle, a blue square, a green triangle and a red square.", truth)
+
+
+def test_exact_scene_in_order_also_needs_left_to_right():
+    truth = describe(SCENE)
+    assert describes_layout("a red circle, a blue square and a green triangle, from left to right.", truth)
+    assert describes_scene("a blue square, a red circle and a green triangle.", truth)
+    assert not describes_layout("a blue square, a red circle and a green triangle.", truth)
+    assert not describes_layout("a red circle and a blue square.", truth)
 
 
 def test_count_needs_the_right_number_and_no_other():
@@ -192,7 +201,12 @@ def test_conversation_and_renderer_protocols_on_the_nano_model(nano_chat):
     scenes = SyntheticShapesDataset(lambda image: image, num_samples=4, seed=1)
     three = sum(len(other_scene(scenes, i)[0]) == 3 for i in range(4))
     assert rend["exact_scene"]["questions"] == 4 and rend["exact_scene_three_shapes"]["questions"] == three
-    assert 0.0 <= rend["exact_scene_three_shapes"]["accuracy"] <= 1.0 and len(rend["examples"]) == 4
+    assert len(rend["examples"]) == 4
+    exact = [describes_scene(e["reply"], e["truth"]) for e in rend["examples"]]
+    in_order = [describes_layout(e["reply"], e["truth"]) for e in rend["examples"]]
+    assert rend["exact_scene"]["accuracy"] == sum(exact) / 4 and rend["exact_scene_in_order"]["accuracy"] == sum(in_order) / 4
+    first_in_order = sum(t[0]["ok"] and describes_layout(t[0]["reply"], t[0]["truth"]) for t in conv["examples"])
+    assert conv["first_turn_exact_scene_in_order"]["accuracy"] == first_in_order / 3
 
 
 def test_cli_keeps_the_single_protocol_keys_on_top(monkeypatch, capsys):

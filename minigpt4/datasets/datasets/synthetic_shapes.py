@@ -230,6 +230,11 @@ def parse_objects(text: str) -> Counter:
     return Counter(_OBJECT.findall(text.lower()))
 
 
+def object_sequence(text: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a description names, in the order it names them (left to right)."""
+    return _OBJECT.findall(text.lower())
+
+
 def scene_labels(scene: Sequence[Shape]) -> list[float]:
     """18-way multi-hot: which (colour, shape) pairs the scene holds."""
     present = {(s.colour, s.shape) for s in scene}
