@@ -1,16 +1,21 @@
-"""Write everything of a configured MiniGPT-4 but its LLM into one ``{"model": ...}`` checkpoint.
+"""Write everything of a configured MiniGPT-4 but its frozen LLM into one ``{"model": ...}``
+checkpoint; or, for a vLLM server, the LLM with the model's LoRA merged into it.
 
-    python -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2.yaml \
+    python -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2_chat.yaml \
         --out minigpt4/weights/minigpt4_nano.pth
+    python -m minigpt4.apps.export --cfg-path eval_configs/minigpt4_nano_eval.yaml --llm-out LLM_FOLDER
 
-Used to ship the nano model: its stage-0 vision weights and its trained ``llama_proj`` come from
-different runs (``model.ckpt`` lists both); the export is the single file the eval config loads.
-The frozen LLM is left out: it is loaded from ``model.llama_model``.
+Used to ship the nano model: its stage-0 vision weights and its trained ``llama_proj`` and LoRA
+come from different runs (``model.ckpt`` lists them); the export is the single file the eval
+config loads. The frozen LLM's own weights are left out: they come from ``model.llama_model``.
+A vLLM server runs the LLM by itself, so a model with LoRA (``model.lora_r`` > 0) needs
+``--llm-out``: a folder with the adapters merged into the weights, for ``vllm serve``.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,11 +25,18 @@ from minigpt4.common.utils import write_atomic
 logger = logging.getLogger(__name__)
 
 
+def exported(name: str) -> bool:
+    """Whether a state-dict key ships: everything but the frozen LLM's own weights (its LoRA ships)."""
+    if name.endswith(".k_bias"):
+        return False
+    return not name.startswith("llama_model.") or ".lora_" in name
+
+
 def export_weights(model: torch.nn.Module, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     state = {
         name: tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).clone()
         for name, tensor in model.state_dict().items()
-        if not name.startswith("llama_model.") and not name.endswith(".k_bias")
+        if exported(name)
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -33,10 +45,36 @@ def export_weights(model: torch.nn.Module, out: str | Path, dtype: torch.dtype =
     return out
 
 
+def export_llm(model: torch.nn.Module, out: str | Path) -> Path:
+    """``model``'s LLM with its LoRA merged, and its tokenizer, as an HF folder (``out``, new or empty).
+
+    The model itself keeps its adapters: the merge runs on a copy.
+    """
+    import copy
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--llm-out: '{out}' is not empty; give a new folder")
+    llm = copy.deepcopy(model.llama_model)
+    if hasattr(llm, "merge_and_unload"):  # a peft model: fold each B @ A * scale into its weight
+        llm = llm.merge_and_unload()
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    llm.save_pretrained(tmp)
+    model.llama_tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)  # a crash leaves the .partial folder, never a half-written LLM under the name
+    logger.info("wrote the LLM%s to %s", " with its LoRA merged" if hasattr(model.llama_model, "merge_and_unload") else "", out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cfg-path", required=True)
-    parser.add_argument("--out", required=True)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="the checkpoint file to write: everything but the frozen LLM")
+    target.add_argument("--llm-out", help="a new folder: the LLM with the model's LoRA merged, for vLLM")
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -46,6 +84,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     cfg = Config(cfg_path=args.cfg_path, options=args.options)
     model = registry.get_model_class(cfg.model_cfg.arch).from_config(cfg.model_cfg)
+    if args.llm_out:
+        return export_llm(model, args.llm_out)
     return export_weights(model, args.out)
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from conftest import tiny_model_section
 from minigpt4.models import MiniGPT4
 
@@ -12,3 +14,35 @@ def test_lora_adds_trainable_q_v_adapters_and_keeps_the_base_frozen():
     assert set(trainable) - set(lora) == {"llama_proj.weight", "llama_proj.bias"}
     model.train()
     assert not model.llama_model.training  # the base LLM stays in eval mode
+
+
+def test_export_ships_the_adapters_and_merges_them_for_vllm(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minigpt4.apps.export import export_llm, export_weights
+
+    torch.manual_seed(0)
+    model = MiniGPT4.from_config(tiny_model_section(lora_r=4, lora_alpha=8)).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapters an effect to find
+            torch.nn.init.normal_(param, std=0.5)
+    embeds = torch.randn(1, 7, model.llama_model.config.hidden_size)
+    with torch.no_grad():
+        expected = model.llama_model(inputs_embeds=embeds).logits
+
+    shipped = torch.load(export_weights(model, tmp_path / "weights.pth"), weights_only=True)["model"]
+    lora = {n for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and lora <= set(shipped)
+    assert not [n for n in shipped if n.startswith("llama_model.") and ".lora_" not in n]  # the frozen LLM stays out
+
+    folder = export_llm(model, tmp_path / "llm")
+    merged = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(inputs_embeds=embeds).logits, expected, rtol=1e-4, atol=1e-4)
+        # the model keeps its adapters: the merge ran on a copy
+        torch.testing.assert_close(model.llama_model(inputs_embeds=embeds).logits, expected)
+    assert (folder / "tokenizer_config.json").is_file()
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_llm(model, folder)
