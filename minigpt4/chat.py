@@ -52,7 +52,8 @@ def load_chat(
     from minigpt4.common.config import Config, ConfigError
     from minigpt4.common.registry import registry
     from minigpt4.conversation import Chat, conv_template_for
-    from minigpt4.conversation.engines import ENGINES, VLLMEngine
+    from minigpt4.conversation.engines import ENGINES, EngineMismatch, EngineUnavailable, VLLMEngine
+    from minigpt4.models.llm import lora_fingerprint
 
     if engine not in ENGINES:
         raise ConfigError(f"engine: '{engine}' is not one of {', '.join(ENGINES)}")
@@ -86,7 +87,15 @@ def load_chat(
     logger.info("model %s (%s) ready on %s", model_cfg.arch, model_cfg.model_type, device)
     template = conv_template_for(model_cfg.model_type)
     # vLLM knows EOS from the model folder; the template's stop text (Vicuna's ###) goes with each request.
-    llm_engine = VLLMEngine(engine_url, stop=[template.stop_str or ""]) if engine == "vllm" else None
+    llm_engine = None
+    if engine == "vllm":
+        llm_engine = VLLMEngine(engine_url, stop=[template.stop_str or ""], lora_fingerprint=lora_fingerprint(model.llama_model))
+        try:
+            llm_engine.model_name()  # a server running the wrong LLM is an error now, not wrong answers later
+        except EngineMismatch as err:
+            raise ConfigError(f"engine_url: {err}") from None
+        except EngineUnavailable as err:  # not up yet: requests get 503 until it is
+            logger.warning("%s", err)
     return Chat(
         model, vis_processor, device, template, reuse_kv_cache=reuse_kv_cache,
         generation=OmegaConf.to_container(cfg.generation_cfg), model_type=model_cfg.model_type, engine=llm_engine,

@@ -14,6 +14,7 @@ A vLLM server runs the LLM by itself, so a model with LoRA (``model.lora_r`` > 0
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from minigpt4.common.utils import write_atomic
+from minigpt4.models.llm import LORA_MARKER, lora_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ def export_llm(model: torch.nn.Module, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--llm-out: '{out}' is not empty; give a new folder")
+    fingerprint = lora_fingerprint(model.llama_model)
     llm = copy.deepcopy(model.llama_model)
     if hasattr(llm, "merge_and_unload"):  # a peft model: fold each B @ A * scale into its weight
         llm = llm.merge_and_unload()
@@ -62,6 +65,8 @@ def export_llm(model: torch.nn.Module, out: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     llm.save_pretrained(tmp)
     model.llama_tokenizer.save_pretrained(tmp)
+    if fingerprint is not None:  # what the vllm engine checks (VLLMEngine's lora_fingerprint)
+        (tmp / LORA_MARKER).write_text(json.dumps({"lora_fingerprint": fingerprint}) + "\n")
     if out.exists():
         out.rmdir()
     tmp.rename(out)  # a crash leaves the .partial folder, never a half-written LLM under the name

