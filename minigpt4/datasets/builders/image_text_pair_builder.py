@@ -83,6 +83,7 @@ class SyntheticShapesBuilder(BaseDatasetBuilder):
                 turns=list(info.get("turns", [1, 1])),
                 history_template=info.get("history_template"),
                 first_describe=float(info.get("first_describe", 0.5)),
+                restyle=float(info.get("restyle", 0.0)),
                 location=self.key("build_info"),
             )
         except ValueError as err:

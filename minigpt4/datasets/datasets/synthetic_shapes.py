@@ -17,11 +17,15 @@ comes with answers in plain English for four kinds of prompt:
 
 :func:`conversation` chains 1–4 such turns about one scene, and a follow-up may refer back to
 the shape the previous turn was about ("where is it?"). Another seed gives held-out scenes.
+``restyle`` > 0 draws another stream of scenes (shapes 14–46% of the side) twice: as the training
+renderer draws them (for a teacher) and, with that probability, in other shades of each colour
+name, anti-aliased (for the student of ``vision_distiller``).
 :func:`parse_objects` reads the (colour, shape) pairs back out of a generated description, which
 is how exact-scene accuracy is scored.
 """
 from __future__ import annotations
 
+import colorsys
 import random
 import re
 from collections import Counter
@@ -75,14 +79,18 @@ class Shape:
         return "in the middle" if self.cx < 2 / 3 else "on the right"
 
 
-def make_scene(rng: random.Random, max_shapes: int = 3, tries: int = 100) -> list[Shape]:
+SIZES = (0.2, 0.4)  # the side of a shape's box, as a fraction of the image side
+RESTYLE_SIZES = (0.14, 0.46)  # restyled scenes: smaller and larger shapes too
+
+
+def make_scene(rng: random.Random, max_shapes: int = 3, tries: int = 100, sizes: tuple[float, float] = SIZES) -> list[Shape]:
     """1..max_shapes non-overlapping shapes, sorted left to right."""
     count = rng.randint(1, max_shapes)
     placed: list[Shape] = []
     for _ in range(tries):
         if len(placed) == count:
             break
-        size = rng.uniform(0.2, 0.4)
+        size = rng.uniform(*sizes)
         cx, cy = rng.uniform(size / 2, 1 - size / 2), rng.uniform(size / 2, 1 - size / 2)
         # keep a small gap between bounding boxes so neighbours never touch
         if all(abs(cx - o.cx) > (size + o.size) / 2 + 0.02 or abs(cy - o.cy) > (size + o.size) / 2 + 0.02 for o in placed):
@@ -98,6 +106,44 @@ def render(scene: Sequence[Shape], image_size: int, rng: random.Random) -> Image
         fill = tuple(max(0, min(255, v + rng.randint(-25, 25))) for v in COLOURS[s.colour])
         draw_shape(draw, s, image_size, fill)
     return img
+
+
+# Restyled drawings: per colour name, a band of hue (degrees), saturation and value a person still
+# calls by that name. Wider than the training shades (+-25 per channel around COLOURS), so the
+# vision side learns the names rather than six RGB points.
+HUE_BANDS = {
+    "red": ((-16, 10), (0.45, 1.0), (0.5, 1.0)),
+    "orange": ((14, 40), (0.6, 1.0), (0.75, 1.0)),
+    "yellow": ((43, 62), (0.4, 1.0), (0.8, 1.0)),
+    "green": ((95, 155), (0.45, 1.0), (0.45, 0.95)),
+    "blue": ((205, 245), (0.5, 1.0), (0.55, 1.0)),
+    "purple": ((265, 295), (0.45, 1.0), (0.45, 0.9)),
+}
+SUPERSAMPLING = (1, 2, 3, 4)  # 1: hard edges, as the training renderer; more: anti-aliased
+RESAMPLING = (Image.BOX, Image.BILINEAR, Image.LANCZOS)
+
+
+def restyled_shade(colour: str, rng: random.Random) -> tuple[int, int, int]:
+    """An RGB shade of ``colour`` from its :data:`HUE_BANDS`."""
+    hues, sats, vals = HUE_BANDS[colour]
+    rgb = colorsys.hsv_to_rgb((rng.uniform(*hues) % 360) / 360, rng.uniform(*sats), rng.uniform(*vals))
+    return tuple(round(255 * v) for v in rgb)
+
+
+def render_restyled(scene: Sequence[Shape], image_size: int, rng: random.Random) -> Image.Image:
+    """``scene`` in shades from :data:`HUE_BANDS`, drawn at 1-4x and resampled down (anti-aliased)."""
+    factor = rng.choice(SUPERSAMPLING)
+    big = image_size * factor
+    img = Image.new("RGB", (big, big), "white")
+    draw = ImageDraw.Draw(img)
+    for s in scene:
+        draw_shape(draw, s, big, restyled_shade(s.colour, rng))
+    return img if factor == 1 else img.resize((image_size, image_size), rng.choice(RESAMPLING))
+
+
+def canonical_geometry(scene: Sequence[Shape]) -> list[Shape]:
+    """The same shapes at the same centres, sizes clipped to the training renderer's :data:`SIZES`."""
+    return [Shape(s.colour, s.shape, s.cx, s.cy, min(max(s.size, SIZES[0]), SIZES[1])) for s in scene]
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, s: Shape, side: float, fill: tuple[int, int, int]) -> None:
@@ -277,6 +323,7 @@ class SyntheticShapesDataset:
         turns: Sequence[int] = (1, 1),
         history_template: str | None = None,
         first_describe: float = 0.5,
+        restyle: float = 0.0,
     ):
         unknown = set(prompt_kinds) - set(PROMPT_KINDS)
         if unknown or not prompt_kinds:
@@ -299,6 +346,9 @@ class SyntheticShapesDataset:
         self.turns = (int(turns[0]), int(turns[1]))
         self.history_template = history_template
         self.first_describe = first_describe
+        if not 0.0 <= restyle <= 1.0:
+            raise ValueError(f"{location}.restyle: a probability in [0, 1], got {restyle}")
+        self.restyle = restyle
 
     def __len__(self) -> int:
         return self.num_samples
@@ -308,10 +358,24 @@ class SyntheticShapesDataset:
         scene = make_scene(rng, self.max_shapes)
         return scene, render(scene, self.image_size, rng)
 
+    def restyled_scene(self, index: int) -> tuple[list[Shape], Image.Image, Image.Image]:
+        """Scene ``index`` of the restyled stream, laid out with :data:`RESTYLE_SIZES`: its shapes,
+        the picture the student sees (restyled with probability ``restyle``, else the training
+        drawing) and the training renderer's drawing of the same layout (what the teacher sees)."""
+        rng = random.Random(derive_seed(self.seed, "restyled-scene", index))
+        scene = make_scene(rng, self.max_shapes, sizes=RESTYLE_SIZES)
+        teacher = render(canonical_geometry(scene), self.image_size, rng)
+        image = render_restyled(scene, self.image_size, rng) if rng.random() < self.restyle else render(scene, self.image_size, rng)
+        return scene, image, teacher
+
     def load(self, index: int, seed: int) -> dict[str, Any]:
         import torch
 
-        scene, image = self.scene(index)
+        teacher_image = None
+        if self.restyle > 0:
+            scene, image, teacher_image = self.restyled_scene(index)
+        else:
+            scene, image = self.scene(index)
         if self.turns[1] > 1:
             question, answer = self.conversation_prompt(scene, index)
         else:
@@ -325,6 +389,8 @@ class SyntheticShapesDataset:
             "labels": torch.tensor(scene_labels(scene)),
             "slots": torch.tensor(scene_slots(scene, self.max_shapes)),
         }
+        if teacher_image is not None:
+            item["teacher_image"] = seeded_call(seed, self.vis_processor, teacher_image)
         if self.instruction_template:
             item["instruction_input"] = self.instruction_template.format(question)
         return item

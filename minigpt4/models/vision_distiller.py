@@ -1,0 +1,94 @@
+"""Stage 0b of the nano MiniGPT-4: the vision side learns to see other drawings as it sees its own.
+
+Stage 0 trained the ViT + Q-Former on one renderer (six colours in a few shades, hard edges), and
+everything after it (``llama_proj``, the LoRA) learned to read its query outputs. A picture in
+other shades or sizes moves those outputs, and the answers go wrong. Here a student copy of the
+vision side learns, on scenes drawn in other shades of each colour name, at other sizes and
+anti-aliased, to give the query outputs the frozen teacher (the same weights) gives on the
+training renderer's drawing of the same layout. Mean squared error on the query outputs, the very
+tensor ``llama_proj`` reads: where the student matches, the rest of the model needs no retraining.
+
+The student keeps MiniGPT-4's names (``visual_encoder``, ``ln_vision``, ``Qformer``,
+``query_tokens``), so its checkpoint loads into the full model through ``model.ckpt``, after the
+weights it replaces. The teacher is not saved: it comes from ``model.ckpt`` again on resume.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from minigpt4.common.config import ConfigError, model_config
+from minigpt4.common.registry import registry
+from minigpt4.models.base_model import BaseModel
+from minigpt4.models.mini_gpt4 import build_vision_parts, query_output
+
+
+class _Vision(nn.Module):
+    """ViT -> ln_vision -> Q-Former query outputs: the part of MiniGPT-4 before ``llama_proj``."""
+
+    def __init__(self, visual_encoder: nn.Module, ln_vision: nn.Module, Qformer: nn.Module, query_tokens: nn.Parameter):
+        super().__init__()
+        self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens = visual_encoder, ln_vision, Qformer, query_tokens
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        image_embeds = self.ln_vision(self.visual_encoder.forward_features(image))
+        return query_output(self.Qformer, self.query_tokens, image_embeds)
+
+
+@registry.register_model("vision_distiller")
+class VisionDistiller(_Vision, BaseModel):
+    """The student (trainable, MiniGPT-4's names) and a frozen teacher copy under ``teacher``.
+
+    ``forward`` takes ``samples["image"]`` (what the student sees) and ``samples["teacher_image"]``
+    (the training renderer's drawing of the same layout) and returns the MSE between their query outputs.
+    """
+
+    PRETRAINED_MODEL_CONFIG_DICT = {"nano": "configs/models/minigpt4_nano.yaml"}
+
+    def __init__(self, visual_encoder: nn.Module, ln_vision: nn.Module, Qformer: nn.Module, query_tokens: nn.Parameter):
+        super().__init__(visual_encoder, ln_vision, Qformer, query_tokens)
+        self.requires_grad_(True)
+
+    def freeze_teacher(self) -> None:
+        """The teacher: a frozen copy of the student's current weights (call after loading them)."""
+        teacher = _Vision(*(copy.deepcopy(part) for part in (self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens)))
+        teacher.requires_grad_(False)
+        # Not a registered child: it must not be saved, trained or moved by the optimizer's view.
+        self.__dict__["teacher"] = teacher.eval()
+
+    def train(self, mode: bool = True) -> "VisionDistiller":
+        # Dropout stays off: the student learns to give the teacher's deterministic outputs.
+        return super().train(False)
+
+    def _apply(self, fn, recurse: bool = True):  # .to() / .cuda() move the teacher too
+        super()._apply(fn, recurse)
+        if "teacher" in self.__dict__:
+            self.__dict__["teacher"]._apply(fn, recurse)
+        return self
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "VisionDistiller":
+        cfg = model_config(cfg)
+        if not cfg.has_qformer:
+            raise ConfigError("model.has_qformer: the vision distiller trains a Q-Former; set has_qformer: True")
+        if cfg.vit_precision != "fp32":
+            raise ConfigError("model.vit_precision: the vision distiller trains the ViT; set vit_precision: fp32")
+        if not cfg.ckpt:
+            raise ConfigError("model.ckpt: the vision distiller needs the trained vision side to copy (e.g. weights/minigpt4_nano.pth)")
+        model = cls(*build_vision_parts(cfg))
+        ckpts = [cfg.ckpt] if isinstance(cfg.ckpt, str) else list(cfg.ckpt)
+        for i, ckpt in enumerate(ckpts):
+            model.load_checkpoint(ckpt, "model.ckpt" if len(ckpts) == 1 else f"model.ckpt[{i}]")
+        model.freeze_teacher()
+        return model
+
+    def forward(self, samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        if "teacher_image" not in samples:
+            raise KeyError("samples['teacher_image']: the vision distiller's data is synthetic_shapes with build_info.restyle > 0")
+        with torch.no_grad():
+            target = self.teacher(samples["teacher_image"])
+        return {"loss": F.mse_loss(super().forward(samples["image"]).float(), target.float())}

@@ -1,0 +1,98 @@
+"""Nano stage 0b: restyled scenes, and the student that learns to see them as the teacher sees its own."""
+from __future__ import annotations
+
+import colorsys
+import random
+
+import pytest
+import torch
+
+from conftest import REF
+from minigpt4.common.utils import LIBRARY_ROOT
+from minigpt4.common.config import Config, ConfigError
+from minigpt4.datasets.data_utils import collate
+from minigpt4.datasets.datasets.synthetic_shapes import (
+    COLOURS,
+    HUE_BANDS,
+    RESTYLE_SIZES,
+    SyntheticShapesDataset,
+    restyled_shade,
+    scene_slots,
+)
+from minigpt4.models import MiniGPT4, VisionDistiller
+from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
+
+VISION = ("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens")
+
+
+def test_restyled_shades_stay_in_their_colour_band():
+    rng = random.Random(0)
+    for colour in COLOURS:
+        (lo, hi), sats, vals = HUE_BANDS[colour]
+        for _ in range(200):
+            h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in restyled_shade(colour, rng)))
+            hue = h * 360 if h * 360 <= hi + 1 else h * 360 - 360  # red's band wraps around 0
+            assert lo - 1 <= hue <= hi + 1 and sats[0] - 0.01 <= s and vals[0] - 0.01 <= v, (colour, hue, s, v)
+
+
+def test_restyle_gives_the_teacher_the_training_drawing_of_the_same_layout():
+    plain = SyntheticShapesDataset(lambda image: image, seed=3)
+    assert "teacher_image" not in plain.load(0, seed=0)  # restyle 0: the scenes and items of before
+    data = SyntheticShapesDataset(lambda image: image, seed=3, restyle=1.0)
+    scene, image, teacher = data.restyled_scene(5)
+    again = data.restyled_scene(5)
+    assert again[0] == scene and list(again[1].getdata()) == list(image.getdata())  # a pure function of (seed, index)
+    assert list(image.getdata()) != list(teacher.getdata())
+    sizes = [s.size for i in range(50) for s in data.restyled_scene(i)[0]]
+    assert RESTYLE_SIZES[0] <= min(sizes) < 0.2 and 0.4 < max(sizes) <= RESTYLE_SIZES[1]
+    item = data.load(5, seed=0)
+    assert set(item) >= {"image", "teacher_image", "slots"} and item["slots"].tolist() == scene_slots(scene)
+    with pytest.raises(ValueError, match="restyle: a probability"):
+        SyntheticShapesDataset(lambda image: image, restyle=1.5)
+
+
+SMALL = ["model.vit_config.depth=1", "model.qformer_config.num_hidden_layers=1", "model.num_query_token=4"]
+
+
+def nano_cfg(write_yaml, arch: str, small: bool = False, **model):
+    cfg = {"model": {"arch": arch, "model_type": "nano", **model}, "run": {"task": "image_text_pretrain"}}
+    return Config(cfg_path=str(write_yaml(cfg)), options=SMALL if small else []).model_cfg
+
+
+def test_the_student_starts_as_the_teacher_learns_to_match_it_and_loads_into_minigpt4(write_yaml, tmp_path):
+    # The shipped vision side: an untrained one gives nearly the same outputs for every picture.
+    path = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
+    torch.manual_seed(0)
+    model = VisionDistiller.from_config(nano_cfg(write_yaml, "vision_distiller", ckpt=str(path)))
+    assert not any(k.startswith("teacher") for k in model.state_dict())  # the teacher is never saved
+    assert all(p.requires_grad for p in model.parameters()) and not any(p.requires_grad for p in model.teacher.parameters())
+    data = SyntheticShapesDataset(Blip2ImageEvalProcessor(64), seed=1, restyle=1.0)
+    batch = collate([data.load(i, seed=i) for i in range(8)])
+    model.train()
+    assert not model.training  # dropout off: the student learns the teacher's deterministic outputs
+    with torch.no_grad():  # the same picture for both: the copy matches exactly
+        assert model({"image": batch["teacher_image"], "teacher_image": batch["teacher_image"]})["loss"].item() < 1e-10
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 1e-3 and losses[-1] < 0.5 * losses[0], losses
+    assert all(torch.equal(v, model.teacher.state_dict()[k]) for k, v in teacher_before.items())
+    # The student's keys are MiniGPT-4's: its checkpoint replaces the vision side of the full model.
+    student = tmp_path / "student.pth"
+    torch.save({"model": model.state_dict()}, student)
+    full = MiniGPT4.from_config(nano_cfg(write_yaml, "mini_gpt4", llama_model=str(REF / "llama"), pad_token="$$", lora_r=0, ckpt=str(student)))
+    assert torch.equal(full.query_tokens, model.query_tokens)
+    assert torch.equal(full.Qformer.state_dict()["encoder.layer.0.attention.attention.query.weight"], model.Qformer.state_dict()["encoder.layer.0.attention.attention.query.weight"])
+    with pytest.raises(KeyError, match="restyle > 0"):
+        model({"image": batch["image"]})
+
+
+def test_the_distiller_needs_weights_to_copy(write_yaml):
+    with pytest.raises(ConfigError, match="model.ckpt: the vision distiller needs the trained vision side"):
+        VisionDistiller.from_config(nano_cfg(write_yaml, "vision_distiller", small=True))
