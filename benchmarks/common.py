@@ -113,8 +113,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def spread(times: list[float]) -> dict[str, float]:
+    """Median, quartiles and extremes of repeated timings (seconds): min <= p25 <= median <= p75 <= max."""
+    # "inclusive" interpolates between the observed values, so the quartiles never leave [min, max].
+    p25, _, p75 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+    return {
+        "median_s": statistics.median(times), "min_s": min(times), "p25_s": p25, "p75_s": p75, "max_s": max(times),
+        "iters": len(times),
+    }
+
+
 def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> dict[str, float]:
-    """Median/min/max seconds of ``fn()`` after ``warmup`` untimed calls, device synchronized."""
+    """:func:`spread` of the seconds of ``fn()`` after ``warmup`` untimed calls, device synchronized."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -124,7 +134,7 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, iters: 
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "iters": iters}
+    return spread(times)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -137,6 +147,12 @@ def peak_memory_gb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def max_known(*values: float | None) -> float | None:
+    """The largest of the values that were measured; None when none was (peak memory on the CPU)."""
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
 
 
 def free_memory() -> None:

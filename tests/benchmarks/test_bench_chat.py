@@ -15,8 +15,8 @@ from conftest import REPO
 def run(tmp_path_factory) -> tuple[dict, list[str]]:
     out = tmp_path_factory.mktemp("bench_chat")
     cmd = [
-        sys.executable, "benchmarks/bench_chat.py", "--tiny", "--quant", "none", "--decode-tokens", "8", "--repeats", "1",
-        "--caption-images", "2", "--caption-tokens", "3", "--out", str(out),
+        sys.executable, "benchmarks/bench_chat.py", "--tiny", "--quant", "none", "--decode-tokens", "8", "--repeats", "4",
+        "--caption-images", "2", "--caption-tokens", "3", "--caption-repeats", "1", "--out", str(out),
     ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -39,9 +39,48 @@ def test_both_modes_have_finite_numbers(run):
     assert modes["reference"]["attn_implementation"] == "eager" and modes["default"]["attn_implementation"] == "sdpa"
     ratios = record["ratios"]["none"]["default"]
     assert all(finite(ratios[k]) for k in ("ttft_turn1", "ttft_turn2", "decode_tokens_per_s"))
-    caption = modes["default"]["captioning"]
-    assert caption["images"] == 2 and finite(caption["speedup"]) and all(finite(r) for r in caption["images_per_s"].values())
     assert record["environment"]["torch"] and record["settings"]["tiny"]
+
+
+def test_ttft_is_a_median_with_its_spread(run):
+    record, lines = run
+    assert record["settings"]["repeats"] == 4
+    for name, m in record["runs"]["none"].items():
+        for key in ("ttft_turn1_s", "ttft_turn2_s"):
+            t = m[key]
+            assert t["iters"] == 4, (name, key)
+            assert 0 < t["min_s"] <= t["p25_s"] <= t["median_s"] <= t["p75_s"] <= t["max_s"], (name, key, t)
+    ratio = record["ratios"]["none"]["default"]["ttft_turn2"]
+    modes = record["runs"]["none"]
+    assert ratio == pytest.approx(modes["default"]["ttft_turn2_s"]["median_s"] / modes["reference"]["ttft_turn2_s"]["median_s"])
+    assert any(line.startswith("TTFT: the median of 4 turns") for line in lines)
+
+
+def test_memory_includes_the_load(run):
+    for m in run[0]["runs"]["none"].values():
+        # the CPU has no allocator counters: every peak is unmeasured, none is made up
+        assert m["load_peak_gb"] is None and m["upload_peak_gb"] is None and m["peak_gb"] is None
+        assert "peak_including_load_gb" in m and m["peak_including_load_gb"] is None
+
+
+def test_captioning_batched_against_the_reference_one_at_a_time(run):
+    record, lines = run
+    modes = record["runs"]["none"]
+    reference, default = modes["reference"]["captioning"], modes["default"]["captioning"]
+    assert reference["images"] == default["images"] == 2 and reference["new_tokens"] == default["new_tokens"] == 3
+    assert set(reference["images_per_s"]) == {"one_at_a_time"} and reference["one_at_a_time_s"]["iters"] == 2
+    assert set(default["images_per_s"]) == {"batched", "one_per_call"} and default["batched_s"]["iters"] == 1
+    assert all(finite(r) and r > 0 for r in [*reference["images_per_s"].values(), *default["images_per_s"].values()])
+    caption = record["captioning"]
+    assert caption["reference_one_at_a_time_images_per_s"] == reference["images_per_s"]["one_at_a_time"]
+    assert caption["default_batched_images_per_s"] == default["images_per_s"]["batched"]
+    assert caption["default_one_per_call_images_per_s"] == default["images_per_s"]["one_per_call"]
+    assert caption["captioning_batch_speedup"] == pytest.approx(
+        caption["default_batched_images_per_s"] / caption["reference_one_at_a_time_images_per_s"]
+    )
+    assert "no_ratio" not in caption
+    assert record["goals"]["captioning_batch_speedup"]["value"] == caption["captioning_batch_speedup"]
+    assert any(line.startswith("captioning images/s: reference one at a time ") for line in lines)
 
 
 def test_default_prefills_only_the_new_question_in_turn_2(run):
@@ -59,6 +98,7 @@ def test_the_table_comes_last(run):
     assert lines[-1].startswith("goals: ")
     header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["quant", "mode", "TTFT1"])
     assert [line.split()[1] for line in lines[header + 1 : header + 3]] == ["reference", "default"]
+    assert lines[header - 1].startswith("TTFT: the median of ")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +106,8 @@ def static_run(tmp_path_factory) -> tuple[dict, list[str]]:
     out = tmp_path_factory.mktemp("bench_chat_static")
     cmd = [
         sys.executable, "benchmarks/bench_chat.py", "--tiny", "--quant", "none", "--modes", "default", "--decode", "static",
-        "--steps-per-sync", "4", "--decode-tokens", "10", "--repeats", "1", "--caption-images", "0", "--out", str(out),
+        "--steps-per-sync", "4", "--decode-tokens", "10", "--repeats", "1",
+        "--caption-images", "1", "--caption-tokens", "2", "--caption-repeats", "1", "--out", str(out),
     ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -82,5 +123,16 @@ def test_decode_static_times_the_static_loop_next_to_generate(static_run, run):
     assert finite(static["decode_tokens_per_s"]) and static["decode_tokens_per_s"] > 0
     assert finite(static["ttft_s"]["median_s"]) and static["ttft_s"]["median_s"] > 0
     assert static["vs_generate"] == pytest.approx(static["decode_tokens_per_s"] / default["decode_tokens_per_s"])
-    assert lines[-2].startswith("static decode (fp16, default, eager, sync every 4): ") and lines[-1].startswith("goals: ")
+    assert lines[-3].startswith("static decode (fp16, default, eager, sync every 4): ") and lines[-1].startswith("goals: ")
     assert "static_decode" not in run[0]["runs"]["none"]["default"]  # --decode generate (the default) leaves it out
+
+
+def test_without_the_reference_there_is_no_captioning_ratio(static_run):
+    record, lines = static_run
+    assert "reference" not in record["runs"]["none"]
+    assert record["runs"]["none"]["default"]["captioning"]["images_per_s"]["batched"] > 0
+    caption = record["captioning"]
+    assert caption["captioning_batch_speedup"] is None and caption["reference_one_at_a_time_images_per_s"] is None
+    assert caption["no_ratio"] == "the reference mode did not run (--modes)"
+    assert record["goals"]["captioning_batch_speedup"]["value"] is None and record["goals"]["captioning_batch_speedup"]["met"] is None
+    assert lines[-2] == "captioning: no ratio: the reference mode did not run (--modes)"
