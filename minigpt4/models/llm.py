@@ -248,15 +248,17 @@ LORA_MARKER = "minigpt4_lora.json"  # written into an exported LLM folder with i
 
 
 def lora_fingerprint(llm: torch.nn.Module) -> str | None:
-    """A digest of ``llm``'s LoRA adapter weights (None without LoRA): what an exported folder with
-    them merged records, so that a server can tell it is running the right LLM."""
+    """A digest of ``llm``'s LoRA adapter weights: what an exported folder with them merged records,
+    so that a server can tell it is running the right LLM. None without LoRA, or with adapters that
+    change nothing yet (every ``lora_B`` zero, as peft initializes them: ``lora_A`` is random then,
+    and any copy of the plain LLM is the right one)."""
     import hashlib
 
+    lora = {name: tensor for name, tensor in sorted(llm.state_dict().items()) if ".lora_" in name}
+    if not any(t.any() for name, t in lora.items() if ".lora_B" in name):
+        return None
     digest = hashlib.sha256()
-    found = False
-    for name, tensor in sorted(llm.state_dict().items()):
-        if ".lora_" in name:
-            found = True
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16] if found else None
+    for name, tensor in lora.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -55,5 +55,7 @@ def test_export_ships_the_adapters_and_merges_them_for_vllm(tmp_path):
         next(p for n, p in model.named_parameters() if "lora_A" in n).add_(1e-3)
     assert lora_fingerprint(model.llama_model) != recorded
     assert lora_fingerprint(MiniGPT4.from_config(tiny_model_section()).llama_model) is None
+    # Untrained adapters (B zero, A random) change nothing: no fingerprint, any plain copy is right.
+    assert lora_fingerprint(MiniGPT4.from_config(tiny_model_section(lora_r=4, lora_alpha=8)).llama_model) is None
     with pytest.raises(FileExistsError, match="not empty"):
         export_llm(model, folder)
