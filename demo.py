@@ -29,9 +29,10 @@ TITLE = """<h1 align="center">Demo of MiniGPT-4</h1>"""
 DESCRIPTION = """<h3>Upload your image and start chatting!</h3>"""
 NANO_INTRO = (
     "This is the **nano MiniGPT-4**: a small vision encoder and Q-Former trained on pictures of coloured shapes, "
-    "bridged into the frozen SmolLM2-135M-Instruct. It knows 1 to 3 circles, squares and triangles in six colours "
-    "(red, green, blue, yellow, purple, orange) on a white background: ask it to describe a scene, how many shapes "
-    "there are, what colour or where one is, or whether there is one. A photo gets an answer about shapes. "
+    "bridged into SmolLM2-135M-Instruct (frozen, with small LoRA adapters). It knows 1 to 3 circles, squares and "
+    "triangles in six colours (red, green, blue, yellow, purple, orange) on a white background: ask it to describe a "
+    "scene, then how many shapes there are, what colour or where one is, or whether there is one. A photo gets an "
+    "answer about shapes. "
     "To chat about real pictures, load the released weights: "
     "`python demo.py --cfg-path eval_configs/minigpt4_eval.yaml` (see the README, \"Chat with MiniGPT-4\")."
 )
