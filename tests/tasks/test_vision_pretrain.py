@@ -59,7 +59,8 @@ def test_scene_classifier_learns_and_keeps_minigpt4_names(write_yaml, tmp_path):
     # a stage-0 checkpoint holds the vision side under MiniGPT-4's names
     ckpt = tmp_path / "stage0.pth"
     torch.save({"model": {n: p.detach() for n, p in model.named_parameters()}}, ckpt)
-    full = MiniGPT4.from_config(nano_cfg(write_yaml, "image_text_pretrain", [f"model.ckpt={ckpt}"]).model_cfg)
+    # stage 1 as its config builds it: no LoRA (that joins in the conversation stage)
+    full = MiniGPT4.from_config(nano_cfg(write_yaml, "image_text_pretrain", [f"model.ckpt={ckpt}", "model.lora_r=0"]).model_cfg)
     for name, param in model.named_parameters():
         if not name.startswith("head."):
             assert torch.equal(full.get_parameter(name), param.detach()), name
