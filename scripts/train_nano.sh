@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The nano MiniGPT-4 from nothing: stage 0 (the vision side alone), stage 1 (captioning into the
 # frozen SmolLM2, only llama_proj learns), stage 2 (questions), its two describe-weighted
-# continuations (2d, 2e in docs/nano.md), the conversation stage (2f: llama_proj and LoRA) and
-# stage 0b (the vision side learns other drawings from its frozen self), then the shipped weights
-# file and its score on 200 held-out scenes. Each stage resumes from its newest checkpoint and a finished
+# continuations (2d, 2e in docs/nano.md), the conversation stage (2f: llama_proj and LoRA),
+# stage 0b (the vision side learns other drawings from its frozen self), stage 0c (and where the
+# shapes are) and 2g (the conversations again, reading the places), then the shipped weights file
+# and its score on 200 held-out scenes. Each stage resumes from its newest checkpoint and a finished
 # stage is skipped, so the script can be stopped and started again at any point.
 #
 #   bash scripts/train_nano.sh                 # CPU: many hours on 2 cores
@@ -31,6 +32,8 @@ S2D="$OUT/minigpt4_nano_stage2d/run/checkpoint_0.pth"
 S2E="$OUT/minigpt4_nano_stage2e/run/checkpoint_0.pth"
 S2F="$OUT/minigpt4_nano_stage2f/run/checkpoint_0.pth"
 S0B="$OUT/minigpt4_nano_stage0b/run/checkpoint_0.pth"
+S0C="$OUT/minigpt4_nano_stage0c/run/checkpoint_0.pth"
+S2G="$OUT/minigpt4_nano_stage2g/run/checkpoint_0.pth"
 
 train() {  # config, output dir, extra options...
     "$PYTHON" train.py --cfg-path "$1" --resume auto --options "${opts[@]}" "run.output_dir=$2" "${@:3}" "${extra[@]}"
@@ -50,8 +53,15 @@ train() {  # config, output dir, extra options...
 [[ -f "$S2F" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2f" "model.ckpt=[$S0,$S2E]"
 # Other shades, sizes and anti-aliasing: a student of stage 0's vision side, its frozen self the teacher.
 [[ -f "$S0B" ]] || train train_configs/minigpt4_nano_stage0b.yaml "$OUT/minigpt4_nano_stage0b" "model.ckpt=$S0"
+# Where the shapes are (which third): a place head on the student, the MSE keeping the rest.
+[[ -f "$S0C" ]] || train train_configs/minigpt4_nano_stage0c.yaml "$OUT/minigpt4_nano_stage0c" "model.ckpt=[$S0,$S0B]"
+# The conversations again, on 0c's vision side: more questions about places, colours and "is there".
+[[ -f "$S2G" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2g" "model.ckpt=[$S0,$S2F,$S0C]" \
+    datasets.synthetic_shapes.build_info.seed=31 "datasets.synthetic_shapes.build_info.turns=[1,3]" \
+    "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists]" \
+    run.init_lr=1.5e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=600
 
 "$PYTHON" -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2_chat.yaml \
-    --out "$OUT/minigpt4_nano.pth" --options "model.ckpt=[$S0,$S2F,$S0B]" "${extra[@]}"
+    --out "$OUT/minigpt4_nano.pth" --options "model.ckpt=[$S0,$S2G,$S0C]" "${extra[@]}"
 "$PYTHON" -m minigpt4.apps.eval_shapes -n "${EVAL_N:-200}" --options "model.ckpt=$(realpath "$OUT/minigpt4_nano.pth")" "${extra[@]}" | tee "$OUT/eval.json"
 echo "weights: $OUT/minigpt4_nano.pth (copy to minigpt4/weights/ to ship them)"

@@ -74,6 +74,8 @@ class ModelConfig:
     logits_on_all_positions: bool = False
     # True: several samples share one LLM row, each attending only to itself (less padding, same loss)
     pack_sequences: bool = False
+    # vision_distiller (nano stage 0c): weight of its place head's loss against the MSE; 0: no head
+    place_weight: float = 0.0
     # MiniGPT-4 checkpoint(s) (llama_proj, and whatever else was trained): a path/URL or a list
     ckpt: Any = None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -48,6 +48,16 @@ class BaseModel(nn.Module):
         if self.device.type == "cuda":
             stack.enter_context(sdpa_kernel(SDPA_BACKENDS))
         return stack
+
+    def load_checkpoints(
+        self,
+        ckpt: str | Sequence[str],
+        key_map: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """``model.ckpt``: one checkpoint, or a list loaded in order (a later file's tensors win)."""
+        ckpts = [ckpt] if isinstance(ckpt, str) else list(ckpt)
+        for i, path in enumerate(ckpts):
+            self.load_checkpoint(path, "model.ckpt" if len(ckpts) == 1 else f"model.ckpt[{i}]", key_map=key_map)
 
     def load_checkpoint(
         self,

@@ -87,6 +87,23 @@ def query_output(Qformer: nn.Module, query_tokens: torch.Tensor, image_embeds: t
     ).last_hidden_state
 
 
+class VisionQueries(nn.Module):
+    """ViT -> ln_vision -> Q-Former query outputs: the part of MiniGPT-4 before ``llama_proj``, which
+    the nano model's vision stages train on their own (MiniGPT-4's names, so their checkpoints load
+    into the full model)."""
+
+    def __init__(self, visual_encoder: nn.Module, ln_vision: nn.Module, Qformer: nn.Module, query_tokens: nn.Parameter):
+        super().__init__()
+        self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens = visual_encoder, ln_vision, Qformer, query_tokens
+
+    def queries(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, num_query_token, hidden) query outputs of a batch of images."""
+        return query_output(self.Qformer, self.query_tokens, self.ln_vision(self.visual_encoder.forward_features(image)))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.queries(image)
+
+
 def first_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:
     """Sample indices in rows of ``width`` tokens: the longest sample opens a row, each next one
     goes into the first row with room."""
@@ -430,10 +447,7 @@ class MiniGPT4(BaseModel):
         )
         if load_weights and cfg.ckpt:
             # a list loads in order: e.g. the nano model's stage-0 vision weights, then stage 1's llama_proj
-            ckpts = [cfg.ckpt] if isinstance(cfg.ckpt, str) else list(cfg.ckpt)
-            for i, ckpt in enumerate(ckpts):
-                key = "model.ckpt" if len(ckpts) == 1 else f"model.ckpt[{i}]"
-                model.load_checkpoint(ckpt, key, key_map=lavis_names_to_ours)
+            model.load_checkpoints(cfg.ckpt, key_map=lavis_names_to_ours)
         return model
 
 

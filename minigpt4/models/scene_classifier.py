@@ -25,12 +25,12 @@ from minigpt4.common.config import ConfigError
 from minigpt4.common.registry import registry
 from minigpt4.datasets.datasets.synthetic_shapes import PAIRS
 from minigpt4.models.base_model import BaseModel
-from minigpt4.models.mini_gpt4 import build_vision_parts, query_output
+from minigpt4.models.mini_gpt4 import VisionQueries, build_vision_parts
 
 
 @registry.register_model("scene_classifier")
-class SceneClassifier(BaseModel):
-    """ViT -> ln_vision -> Q-Former -> all query outputs side by side -> two linear heads.
+class SceneClassifier(VisionQueries, BaseModel):
+    """The vision side's query outputs, side by side -> two linear heads.
 
     ``pairs``: which of the 18 (colour, shape) pairs the scene holds (multi-label, BCE; quick to
     learn). ``slots``: per slot from left to right, which pair or empty (cross-entropy; says how
@@ -46,11 +46,7 @@ class SceneClassifier(BaseModel):
         num_slots: int = 3,
         num_pairs: int = len(PAIRS),
     ):
-        super().__init__()
-        self.visual_encoder = visual_encoder
-        self.ln_vision = ln_vision
-        self.Qformer = Qformer
-        self.query_tokens = query_tokens
+        super().__init__(visual_encoder, ln_vision, Qformer, query_tokens)
         self.num_slots, self.num_pairs = num_slots, num_pairs
         width = query_tokens.shape[1] * Qformer.config.hidden_size
         self.head = nn.Linear(width, num_pairs + num_slots * (num_pairs + 1))
@@ -70,8 +66,7 @@ class SceneClassifier(BaseModel):
 
     def logits(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, pairs) multi-label logits and (B, slots, pairs + 1) slot logits."""
-        image_embeds = self.ln_vision(self.visual_encoder.forward_features(image))
-        out = self.head(query_output(self.Qformer, self.query_tokens, image_embeds).flatten(1))
+        out = self.head(self.queries(image).flatten(1))
         return out[:, : self.num_pairs], out[:, self.num_pairs :].view(-1, self.num_slots, self.num_pairs + 1)
 
     def forward(self, samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:

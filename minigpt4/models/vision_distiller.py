@@ -8,6 +8,12 @@ anti-aliased, to give the query outputs the frozen teacher (the same weights) gi
 training renderer's drawing of the same layout. Mean squared error on the query outputs, the very
 tensor ``llama_proj`` reads: where the student matches, the rest of the model needs no retraining.
 
+With ``model.place_weight`` > 0 (stage 0c) a linear head over the student's query outputs also
+learns, slot by slot from left to right, which third of the image holds the shape (what a "where"
+answer says; stage 0 taught the order of the shapes, not their place), its cross-entropy weighted
+against the MSE that keeps everything else where ``llama_proj`` expects it. The head stays behind
+(an unexpected key) when the checkpoint loads into MiniGPT-4.
+
 The student keeps MiniGPT-4's names (``visual_encoder``, ``ln_vision``, ``Qformer``,
 ``query_tokens``), so its checkpoint loads into the full model through ``model.ckpt``, after the
 weights it replaces. The teacher is not saved: it comes from ``model.ckpt`` again on resume.
@@ -23,39 +29,43 @@ from torch.nn import functional as F
 
 from minigpt4.common.config import ConfigError, model_config
 from minigpt4.common.registry import registry
+from minigpt4.datasets.datasets.synthetic_shapes import PLACES
 from minigpt4.models.base_model import BaseModel
-from minigpt4.models.mini_gpt4 import build_vision_parts, query_output
-
-
-class _Vision(nn.Module):
-    """ViT -> ln_vision -> Q-Former query outputs: the part of MiniGPT-4 before ``llama_proj``."""
-
-    def __init__(self, visual_encoder: nn.Module, ln_vision: nn.Module, Qformer: nn.Module, query_tokens: nn.Parameter):
-        super().__init__()
-        self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens = visual_encoder, ln_vision, Qformer, query_tokens
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        image_embeds = self.ln_vision(self.visual_encoder.forward_features(image))
-        return query_output(self.Qformer, self.query_tokens, image_embeds)
+from minigpt4.models.mini_gpt4 import VisionQueries, build_vision_parts
 
 
 @registry.register_model("vision_distiller")
-class VisionDistiller(_Vision, BaseModel):
+class VisionDistiller(VisionQueries, BaseModel):
     """The student (trainable, MiniGPT-4's names) and a frozen teacher copy under ``teacher``.
 
     ``forward`` takes ``samples["image"]`` (what the student sees) and ``samples["teacher_image"]``
-    (the training renderer's drawing of the same layout) and returns the MSE between their query outputs.
+    (the training renderer's drawing of the same layout) and returns the MSE between their query
+    outputs; with ``place_weight`` > 0, plus that weight times the place head's cross-entropy on
+    ``samples["places"]`` (per slot: left, middle, right or empty).
     """
 
     PRETRAINED_MODEL_CONFIG_DICT = {"nano": "configs/models/minigpt4_nano.yaml"}
 
-    def __init__(self, visual_encoder: nn.Module, ln_vision: nn.Module, Qformer: nn.Module, query_tokens: nn.Parameter):
+    def __init__(
+        self,
+        visual_encoder: nn.Module,
+        ln_vision: nn.Module,
+        Qformer: nn.Module,
+        query_tokens: nn.Parameter,
+        place_weight: float = 0.0,
+        num_slots: int = 3,
+    ):
         super().__init__(visual_encoder, ln_vision, Qformer, query_tokens)
+        self.place_weight, self.num_slots = place_weight, num_slots
+        if place_weight > 0:
+            width = query_tokens.shape[1] * Qformer.config.hidden_size
+            self.place_head = nn.Linear(width, num_slots * (len(PLACES) + 1))
         self.requires_grad_(True)
+        self.train()  # dropout off from the start (see train)
 
     def freeze_teacher(self) -> None:
         """The teacher: a frozen copy of the student's current weights (call after loading them)."""
-        teacher = _Vision(*(copy.deepcopy(part) for part in (self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens)))
+        teacher = VisionQueries(*(copy.deepcopy(part) for part in (self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens)))
         teacher.requires_grad_(False)
         # Not a registered child: it must not be saved, trained or moved by the optimizer's view.
         self.__dict__["teacher"] = teacher.eval()
@@ -79,10 +89,10 @@ class VisionDistiller(_Vision, BaseModel):
             raise ConfigError("model.vit_precision: the vision distiller trains the ViT; set vit_precision: fp32")
         if not cfg.ckpt:
             raise ConfigError("model.ckpt: the vision distiller needs the trained vision side to copy (e.g. weights/minigpt4_nano.pth)")
-        model = cls(*build_vision_parts(cfg))
-        ckpts = [cfg.ckpt] if isinstance(cfg.ckpt, str) else list(cfg.ckpt)
-        for i, ckpt in enumerate(ckpts):
-            model.load_checkpoint(ckpt, "model.ckpt" if len(ckpts) == 1 else f"model.ckpt[{i}]")
+        if cfg.place_weight < 0:
+            raise ConfigError(f"model.place_weight: a weight >= 0 (0: no place head), got {cfg.place_weight}")
+        model = cls(*build_vision_parts(cfg), place_weight=cfg.place_weight)
+        model.load_checkpoints(cfg.ckpt)
         model.freeze_teacher()
         return model
 
@@ -91,4 +101,16 @@ class VisionDistiller(_Vision, BaseModel):
             raise KeyError("samples['teacher_image']: the vision distiller's data is synthetic_shapes with build_info.restyle > 0")
         with torch.no_grad():
             target = self.teacher(samples["teacher_image"])
-        return {"loss": F.mse_loss(super().forward(samples["image"]).float(), target.float())}
+        queries = self.queries(samples["image"])
+        loss = F.mse_loss(queries.float(), target.float())
+        if self.place_weight == 0:
+            return {"loss": loss}
+        places = samples["places"]
+        if places.shape[1] != self.num_slots:
+            raise ValueError(
+                f"samples['places']: {places.shape[1]} slots per scene, the place head has {self.num_slots} "
+                "(synthetic_shapes build_info.max_shapes must be 3)"
+            )
+        logits = self.place_head(queries.flatten(1)).view(-1, len(PLACES) + 1)
+        place_loss = F.cross_entropy(logits.float(), places.flatten())
+        return {"loss": loss + self.place_weight * place_loss}

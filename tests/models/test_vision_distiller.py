@@ -14,9 +14,12 @@ from minigpt4.datasets.data_utils import collate
 from minigpt4.datasets.datasets.synthetic_shapes import (
     COLOURS,
     HUE_BANDS,
+    NO_PLACE,
+    PLACES,
     RESTYLE_SIZES,
     SyntheticShapesDataset,
     restyled_shade,
+    scene_places,
     scene_slots,
 )
 from minigpt4.models import MiniGPT4, VisionDistiller
@@ -46,7 +49,10 @@ def test_restyle_gives_the_teacher_the_training_drawing_of_the_same_layout():
     sizes = [s.size for i in range(50) for s in data.restyled_scene(i)[0]]
     assert RESTYLE_SIZES[0] <= min(sizes) < 0.2 and 0.4 < max(sizes) <= RESTYLE_SIZES[1]
     item = data.load(5, seed=0)
-    assert set(item) >= {"image", "teacher_image", "slots"} and item["slots"].tolist() == scene_slots(scene)
+    assert set(item) >= {"image", "teacher_image", "slots", "places"} and item["slots"].tolist() == scene_slots(scene)
+    # the place target says what a "where" answer says, slot by slot from left to right
+    assert [PLACES[p] for p in item["places"].tolist() if p != NO_PLACE] == [s.place for s in scene]
+    assert item["places"].tolist() == scene_places(scene) and len(scene_places(scene)) == 3
     with pytest.raises(ValueError, match="restyle: a probability"):
         SyntheticShapesDataset(lambda image: image, restyle=1.5)
 
@@ -97,3 +103,42 @@ def test_the_student_starts_as_the_teacher_learns_to_match_it_and_loads_into_min
 def test_the_distiller_needs_weights_to_copy(write_yaml):
     with pytest.raises(ConfigError, match="model.ckpt: the vision distiller needs the trained vision side"):
         VisionDistiller.from_config(nano_cfg(write_yaml, "vision_distiller", small=True))
+
+
+def test_the_place_head_learns_where_the_shapes_are_while_the_mse_holds_the_rest(write_yaml):
+    path = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
+    torch.manual_seed(0)
+    model = VisionDistiller.from_config(nano_cfg(write_yaml, "vision_distiller", ckpt=str(path), place_weight=1.0))
+    assert model.place_head.out_features == 3 * (len(PLACES) + 1)
+    data = SyntheticShapesDataset(Blip2ImageEvalProcessor(64), seed=1, restyle=0.5)
+    batch = collate([data.load(i, seed=i) for i in range(32)])
+
+    def place_loss_and_mse():
+        with torch.no_grad():
+            queries = model.queries(batch["image"])
+            logits = model.place_head(queries.flatten(1)).view(-1, len(PLACES) + 1)
+            mse = torch.nn.functional.mse_loss(queries, model.teacher(batch["teacher_image"]))
+            return torch.nn.functional.cross_entropy(logits, batch["places"].flatten()).item(), mse.item()
+
+    place_before, mse_before = place_loss_and_mse()
+    with torch.no_grad():  # the loss is the MSE plus the weighted place loss
+        assert model(batch)["loss"].item() == pytest.approx(mse_before + place_before, rel=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    for _ in range(30):
+        loss = model(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    place_after, mse_after = place_loss_and_mse()
+    assert place_after < 0.5 * place_before, (place_before, place_after)
+    assert mse_after < 2 * mse_before + 0.02, (mse_before, mse_after)
+    # The head stays behind when the student's weights load into MiniGPT-4 (an unexpected key).
+    assert any(k.startswith("place_head.") for k in model.state_dict())
+    with pytest.raises(ValueError, match=r"samples\['places'\]: 2 slots per scene, the place head has 3"):
+        model({**batch, "places": batch["places"][:, :2]})
+
+
+def test_a_negative_place_weight_is_refused(write_yaml):
+    path = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
+    with pytest.raises(ConfigError, match="model.place_weight: a weight >= 0"):
+        VisionDistiller.from_config(nano_cfg(write_yaml, "vision_distiller", ckpt=str(path), place_weight=-1.0))

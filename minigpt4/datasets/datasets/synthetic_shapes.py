@@ -45,6 +45,7 @@ COLOURS = {
     "orange": (245, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+PLACES = ("on the left", "in the middle", "on the right")  # by thirds of the image, as "where" answers
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]  # the 18 classes of the stage-0 vision task
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 PROMPT_KINDS = ("describe", "count", "colour", "where", "exists")
@@ -73,10 +74,13 @@ class Shape:
         return f"{self.colour} {self.shape}"
 
     @property
+    def third(self) -> int:
+        """Which third of the image its centre is in: 0 left, 1 middle, 2 right."""
+        return 0 if self.cx < 1 / 3 else 1 if self.cx < 2 / 3 else 2
+
+    @property
     def place(self) -> str:
-        if self.cx < 1 / 3:
-            return "on the left"
-        return "in the middle" if self.cx < 2 / 3 else "on the right"
+        return PLACES[self.third]
 
 
 SIZES = (0.2, 0.4)  # the side of a shape's box, as a fraction of the image side
@@ -300,14 +304,23 @@ def scene_slots(scene: Sequence[Shape], max_shapes: int = 3) -> list[int]:
     return slots + [NO_SHAPE] * (max_shapes - len(slots))
 
 
+NO_PLACE = len(PLACES)  # the place class of an empty slot
+
+
+def scene_places(scene: Sequence[Shape], max_shapes: int = 3) -> list[int]:
+    """Per slot, left to right, which third of the image holds its shape (``NO_PLACE`` if empty):
+    what a "where" answer says, as a target for the vision side."""
+    return [s.third for s in scene] + [NO_PLACE] * (max_shapes - len(scene))
+
+
 class SyntheticShapesDataset:
     """Map-style: ``load(index, seed)`` renders scene ``index`` and picks its prompt kind.
 
     ``prompt_kinds`` restricts the questions (``["describe"]`` for captioning). With
     ``instruction_template`` set, items carry ``instruction_input`` (the question after the
     image slot); without it the model's prompt list supplies the instruction. Items also carry
-    the stage-0 targets: ``slots`` (per slot, left to right, which pair or none) and ``labels``
-    (18-way multi-hot).
+    the targets of the vision stages: ``slots`` (per slot, left to right, which pair or none),
+    ``places`` (per slot, which third of the image or none) and ``labels`` (18-way multi-hot).
     """
 
     def __init__(
@@ -388,6 +401,7 @@ class SyntheticShapesDataset:
             "answer": answer,
             "labels": torch.tensor(scene_labels(scene)),
             "slots": torch.tensor(scene_slots(scene, self.max_shapes)),
+            "places": torch.tensor(scene_places(scene, self.max_shapes)),
         }
         if teacher_image is not None:
             item["teacher_image"] = seeded_call(seed, self.vis_processor, teacher_image)
