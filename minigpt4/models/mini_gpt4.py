@@ -96,6 +96,11 @@ class VisionQueries(nn.Module):
         super().__init__()
         self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens = visual_encoder, ln_vision, Qformer, query_tokens
 
+    @property
+    def queries_width(self) -> int:
+        """Width of all query outputs side by side (num_query_token * hidden): a head's input."""
+        return self.query_tokens.shape[1] * self.Qformer.config.hidden_size
+
     def queries(self, image: torch.Tensor) -> torch.Tensor:
         """(B, num_query_token, hidden) query outputs of a batch of images."""
         return query_output(self.Qformer, self.query_tokens, self.ln_vision(self.visual_encoder.forward_features(image)))

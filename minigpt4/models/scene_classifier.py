@@ -48,8 +48,7 @@ class SceneClassifier(VisionQueries, BaseModel):
     ):
         super().__init__(visual_encoder, ln_vision, Qformer, query_tokens)
         self.num_slots, self.num_pairs = num_slots, num_pairs
-        width = query_tokens.shape[1] * Qformer.config.hidden_size
-        self.head = nn.Linear(width, num_pairs + num_slots * (num_pairs + 1))
+        self.head = nn.Linear(self.queries_width, num_pairs + num_slots * (num_pairs + 1))
         self.requires_grad_(True)  # stage 0 trains the whole vision side
 
     PRETRAINED_MODEL_CONFIG_DICT = {"nano": "configs/models/minigpt4_nano.yaml"}

@@ -58,8 +58,7 @@ class VisionDistiller(VisionQueries, BaseModel):
         super().__init__(visual_encoder, ln_vision, Qformer, query_tokens)
         self.place_weight, self.num_slots = place_weight, num_slots
         if place_weight > 0:
-            width = query_tokens.shape[1] * Qformer.config.hidden_size
-            self.place_head = nn.Linear(width, num_slots * (len(PLACES) + 1))
+            self.place_head = nn.Linear(self.queries_width, num_slots * (len(PLACES) + 1))
         self.requires_grad_(True)
         self.train()  # dropout off from the start (see train)
 
