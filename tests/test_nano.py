@@ -20,11 +20,11 @@ WEIGHTS = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
 
 pytestmark = pytest.mark.slow
 
-# 200 held-out scenes: 87% exact, 99% counting (docs/nano.md); these first 24 (greedy,
-# deterministic) give 19/24 exact and 24/24 counts on a CPU
+# 200 held-out scenes: 86.5% exact, 97% counting (docs/nano.md); these first 24 (greedy,
+# deterministic) give 20/24 exact and 24/24 counts on a CPU
 MIN_EXACT = 0.75
 MIN_COUNTING = 0.9
-# In a chat (200 scenes: follow-ups 81%): the first 12 give 8/12 first turns exact and 27/36
+# In a chat (200 scenes: follow-ups 88%): the first 12 give 10/12 first turns exact and 28/36
 # follow-ups right; the weights before the conversation stage got about half the follow-ups.
 CONVERSATION_SCENES = 12
 MIN_FIRST_TURN = 0.6
