@@ -96,6 +96,17 @@ class VisionQueries(nn.Module):
         super().__init__()
         self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens = visual_encoder, ln_vision, Qformer, query_tokens
 
+    @staticmethod
+    def trainable_parts(cfg: Mapping[str, Any], model_name: str) -> tuple[nn.Module, nn.Module, nn.Module, nn.Parameter]:
+        """``build_vision_parts`` for a model that trains the whole vision side (``model_name`` says
+        which, in the errors): it needs a Q-Former, and the ViT in fp32."""
+        cfg = model_config(cfg)
+        if not cfg.has_qformer:
+            raise ConfigError(f"model.has_qformer: the {model_name} trains a Q-Former; set has_qformer: True")
+        if cfg.vit_precision != "fp32":
+            raise ConfigError(f"model.vit_precision: the {model_name} trains the ViT; set vit_precision: fp32")
+        return build_vision_parts(cfg)
+
     @property
     def queries_width(self) -> int:
         """Width of all query outputs side by side (num_query_token * hidden): a head's input."""

@@ -21,11 +21,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from minigpt4.common.config import ConfigError
 from minigpt4.common.registry import registry
 from minigpt4.datasets.datasets.synthetic_shapes import PAIRS
 from minigpt4.models.base_model import BaseModel
-from minigpt4.models.mini_gpt4 import VisionQueries, build_vision_parts
+from minigpt4.models.mini_gpt4 import VisionQueries
 
 
 @registry.register_model("scene_classifier")
@@ -56,12 +55,7 @@ class SceneClassifier(VisionQueries, BaseModel):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], num_slots: int = 3) -> "SceneClassifier":
         """The vision side of the ``model`` section (MiniGPT-4's builder), and the two heads."""
-        if not cfg.has_qformer:
-            raise ConfigError("model.has_qformer: the scene classifier trains a Q-Former; set has_qformer: True")
-        if cfg.vit_precision != "fp32":
-            raise ConfigError("model.vit_precision: the scene classifier trains the ViT; set vit_precision: fp32")
-        visual_encoder, ln_vision, Qformer, query_tokens = build_vision_parts(cfg)
-        return cls(visual_encoder, ln_vision, Qformer, query_tokens, num_slots)
+        return cls(*cls.trainable_parts(cfg, "scene classifier"), num_slots)
 
     def logits(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, pairs) multi-label logits and (B, slots, pairs + 1) slot logits."""

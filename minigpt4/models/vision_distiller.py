@@ -31,7 +31,7 @@ from minigpt4.common.config import ConfigError, model_config
 from minigpt4.common.registry import registry
 from minigpt4.datasets.datasets.synthetic_shapes import PLACES
 from minigpt4.models.base_model import BaseModel
-from minigpt4.models.mini_gpt4 import VisionQueries, build_vision_parts
+from minigpt4.models.mini_gpt4 import VisionQueries
 
 
 @registry.register_model("vision_distiller")
@@ -82,15 +82,11 @@ class VisionDistiller(VisionQueries, BaseModel):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "VisionDistiller":
         cfg = model_config(cfg)
-        if not cfg.has_qformer:
-            raise ConfigError("model.has_qformer: the vision distiller trains a Q-Former; set has_qformer: True")
-        if cfg.vit_precision != "fp32":
-            raise ConfigError("model.vit_precision: the vision distiller trains the ViT; set vit_precision: fp32")
         if not cfg.ckpt:
             raise ConfigError("model.ckpt: the vision distiller needs the trained vision side to copy (e.g. weights/minigpt4_nano.pth)")
         if cfg.place_weight < 0:
             raise ConfigError(f"model.place_weight: a weight >= 0 (0: no place head), got {cfg.place_weight}")
-        model = cls(*build_vision_parts(cfg), place_weight=cfg.place_weight)
+        model = cls(*cls.trainable_parts(cfg, "vision distiller"), place_weight=cfg.place_weight)
         model.load_checkpoints(cfg.ckpt)
         model.freeze_teacher()
         return model

@@ -10,6 +10,7 @@ import torch
 from conftest import REF
 from minigpt4.common.utils import LIBRARY_ROOT
 from minigpt4.common.config import Config, ConfigError
+from minigpt4.common.registry import registry
 from minigpt4.datasets.data_utils import collate
 from minigpt4.datasets.datasets.synthetic_shapes import (
     COLOURS,
@@ -142,3 +143,15 @@ def test_a_negative_place_weight_is_refused(write_yaml):
     path = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
     with pytest.raises(ConfigError, match="model.place_weight: a weight >= 0"):
         VisionDistiller.from_config(nano_cfg(write_yaml, "vision_distiller", ckpt=str(path), place_weight=-1.0))
+
+
+@pytest.mark.parametrize("arch, name", [("scene_classifier", "scene classifier"), ("vision_distiller", "vision distiller")])
+@pytest.mark.parametrize(
+    "setting, message",
+    [({"has_qformer": False}, "model.has_qformer: the {} trains a Q-Former"), ({"vit_precision": "bf16"}, "model.vit_precision: the {} trains the ViT")],
+)
+def test_the_vision_stages_refuse_a_vision_side_they_cannot_train(write_yaml, arch, name, setting, message):
+    cls = registry.get_model_class(arch)
+    path = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
+    with pytest.raises(ConfigError, match=message.format(name)):
+        cls.from_config(nano_cfg(write_yaml, arch, small=True, ckpt=str(path), **setting))
