@@ -76,6 +76,9 @@ class ModelConfig:
     pack_sequences: bool = False
     # vision_distiller (nano stage 0c): weight of its place head's loss against the MSE; 0: no head
     place_weight: float = 0.0
+    # vision_distiller: weight of its token head's loss (query token i says slot i's shape and place,
+    # one head shared by the first three tokens); 0: no head
+    token_weight: float = 0.0
     # MiniGPT-4 checkpoint(s) (llama_proj, and whatever else was trained): a path/URL or a list
     ckpt: Any = None
 

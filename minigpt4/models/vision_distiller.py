@@ -11,8 +11,12 @@ tensor ``llama_proj`` reads: where the student matches, the rest of the model ne
 With ``model.place_weight`` > 0 (stage 0c) a linear head over the student's query outputs also
 learns, slot by slot from left to right, which third of the image holds the shape (what a "where"
 answer says; stage 0 taught the order of the shapes, not their place), its cross-entropy weighted
-against the MSE that keeps everything else where ``llama_proj`` expects it. The head stays behind
-(an unexpected key) when the checkpoint loads into MiniGPT-4.
+against the MSE that keeps everything else where ``llama_proj`` expects it. With
+``model.token_weight`` > 0 one linear head, shared by the first three query tokens, learns from
+token *i* alone slot *i*'s (colour, shape) and place: each shape then sits in one token, in the
+same format for every slot, which is what the LLM can look up by attention ("where is the red
+circle?"); a head over all tokens side by side lets a slot spread over several. The heads stay
+behind (unexpected keys) when the checkpoint loads into MiniGPT-4.
 
 The student keeps MiniGPT-4's names (``visual_encoder``, ``ln_vision``, ``Qformer``,
 ``query_tokens``), so its checkpoint loads into the full model through ``model.ckpt``, after the
@@ -29,7 +33,7 @@ from torch.nn import functional as F
 
 from minigpt4.common.config import ConfigError, model_config
 from minigpt4.common.registry import registry
-from minigpt4.datasets.datasets.synthetic_shapes import PLACES
+from minigpt4.datasets.datasets.synthetic_shapes import PAIRS, PLACES
 from minigpt4.models.base_model import BaseModel
 from minigpt4.models.mini_gpt4 import VisionQueries
 
@@ -41,7 +45,9 @@ class VisionDistiller(VisionQueries, BaseModel):
     ``forward`` takes ``samples["image"]`` (what the student sees) and ``samples["teacher_image"]``
     (the training renderer's drawing of the same layout) and returns the MSE between their query
     outputs; with ``place_weight`` > 0, plus that weight times the place head's cross-entropy on
-    ``samples["places"]`` (per slot: left, middle, right or empty).
+    ``samples["places"]`` (per slot: left, middle, right or empty); with ``token_weight`` > 0, plus
+    that weight times the token head's cross-entropies on ``samples["slots"]`` and
+    ``samples["places"]``.
     """
 
     PRETRAINED_MODEL_CONFIG_DICT = {"nano": "configs/models/minigpt4_nano.yaml"}
@@ -53,12 +59,17 @@ class VisionDistiller(VisionQueries, BaseModel):
         Qformer: nn.Module,
         query_tokens: nn.Parameter,
         place_weight: float = 0.0,
+        token_weight: float = 0.0,
         num_slots: int = 3,
     ):
         super().__init__(visual_encoder, ln_vision, Qformer, query_tokens)
-        self.place_weight, self.num_slots = place_weight, num_slots
+        self.place_weight, self.token_weight, self.num_slots = place_weight, token_weight, num_slots
         if place_weight > 0:
             self.place_head = nn.Linear(self.queries_width, num_slots * (len(PLACES) + 1))
+        if token_weight > 0:
+            if query_tokens.shape[1] < num_slots:
+                raise ValueError(f"the token head reads slot i from query token i: {num_slots} slots need as many query tokens, got {query_tokens.shape[1]}")
+            self.token_head = nn.Linear(Qformer.config.hidden_size, len(PAIRS) + 1 + len(PLACES) + 1)
         self.requires_grad_(True)
         self.train()  # dropout off from the start (see train)
 
@@ -84,9 +95,12 @@ class VisionDistiller(VisionQueries, BaseModel):
         cfg = model_config(cfg)
         if not cfg.ckpt:
             raise ConfigError("model.ckpt: the vision distiller needs the trained vision side to copy (e.g. weights/minigpt4_nano.pth)")
-        if cfg.place_weight < 0:
-            raise ConfigError(f"model.place_weight: a weight >= 0 (0: no place head), got {cfg.place_weight}")
-        model = cls(*cls.trainable_parts(cfg, "vision distiller"), place_weight=cfg.place_weight)
+        for key, head in (("place_weight", "place head"), ("token_weight", "token head")):
+            if cfg[key] < 0:
+                raise ConfigError(f"model.{key}: a weight >= 0 (0: no {head}), got {cfg[key]}")
+        if cfg.token_weight > 0 and cfg.num_query_token < 3:
+            raise ConfigError(f"model.num_query_token: the token head reads slot i from query token i, so 3 slots need >= 3 tokens, got {cfg.num_query_token}")
+        model = cls(*cls.trainable_parts(cfg, "vision distiller"), place_weight=cfg.place_weight, token_weight=cfg.token_weight)
         model.load_checkpoints(cfg.ckpt)
         model.freeze_teacher()
         return model
@@ -98,14 +112,22 @@ class VisionDistiller(VisionQueries, BaseModel):
             target = self.teacher(samples["teacher_image"])
         queries = self.queries(samples["image"])
         loss = F.mse_loss(queries.float(), target.float())
-        if self.place_weight == 0:
-            return {"loss": loss}
-        places = samples["places"]
-        if places.shape[1] != self.num_slots:
+        if self.place_weight > 0:
+            places = self._slot_targets(samples, "places")
+            logits = self.place_head(queries.flatten(1)).view(-1, len(PLACES) + 1)
+            loss = loss + self.place_weight * F.cross_entropy(logits.float(), places.flatten())
+        if self.token_weight > 0:
+            slots, places = self._slot_targets(samples, "slots"), self._slot_targets(samples, "places")
+            pair_logits, place_logits = self.token_head(queries[:, : self.num_slots]).float().split([len(PAIRS) + 1, len(PLACES) + 1], dim=-1)
+            token_loss = F.cross_entropy(pair_logits.flatten(0, 1), slots.flatten()) + F.cross_entropy(place_logits.flatten(0, 1), places.flatten())
+            loss = loss + self.token_weight * token_loss
+        return {"loss": loss}
+
+    def _slot_targets(self, samples: Mapping[str, Any], key: str) -> torch.Tensor:
+        targets = samples[key]
+        if targets.shape[1] != self.num_slots:
             raise ValueError(
-                f"samples['places']: {places.shape[1]} slots per scene, the place head has {self.num_slots} "
+                f"samples['{key}']: {targets.shape[1]} slots per scene, the heads have {self.num_slots} "
                 "(synthetic_shapes build_info.max_shapes must be 3)"
             )
-        logits = self.place_head(queries.flatten(1)).view(-1, len(PLACES) + 1)
-        place_loss = F.cross_entropy(logits.float(), places.flatten())
-        return {"loss": loss + self.place_weight * place_loss}
+        return targets
