@@ -68,7 +68,10 @@ class VisionDistiller(VisionQueries, BaseModel):
             self.place_head = nn.Linear(self.queries_width, num_slots * (len(PLACES) + 1))
         if token_weight > 0:
             if query_tokens.shape[1] < num_slots:
-                raise ValueError(f"the token head reads slot i from query token i: {num_slots} slots need as many query tokens, got {query_tokens.shape[1]}")
+                raise ConfigError(
+                    f"model.num_query_token: the token head reads slot i from query token i, so {num_slots} slots "
+                    f"need >= {num_slots} tokens, got {query_tokens.shape[1]}"
+                )
             self.token_head = nn.Linear(Qformer.config.hidden_size, len(PAIRS) + 1 + len(PLACES) + 1)
         self.requires_grad_(True)
         self.train()  # dropout off from the start (see train)
@@ -98,8 +101,6 @@ class VisionDistiller(VisionQueries, BaseModel):
         for key, head in (("place_weight", "place head"), ("token_weight", "token head")):
             if cfg[key] < 0:
                 raise ConfigError(f"model.{key}: a weight >= 0 (0: no {head}), got {cfg[key]}")
-        if cfg.token_weight > 0 and cfg.num_query_token < 3:
-            raise ConfigError(f"model.num_query_token: the token head reads slot i from query token i, so 3 slots need >= 3 tokens, got {cfg.num_query_token}")
         model = cls(*cls.trainable_parts(cfg, "vision distiller"), place_weight=cfg.place_weight, token_weight=cfg.token_weight)
         model.load_checkpoints(cfg.ckpt)
         model.freeze_teacher()
@@ -112,12 +113,13 @@ class VisionDistiller(VisionQueries, BaseModel):
             target = self.teacher(samples["teacher_image"])
         queries = self.queries(samples["image"])
         loss = F.mse_loss(queries.float(), target.float())
-        if self.place_weight > 0:
+        if self.place_weight > 0 or self.token_weight > 0:
             places = self._slot_targets(samples, "places")
+        if self.place_weight > 0:
             logits = self.place_head(queries.flatten(1)).view(-1, len(PLACES) + 1)
             loss = loss + self.place_weight * F.cross_entropy(logits.float(), places.flatten())
         if self.token_weight > 0:
-            slots, places = self._slot_targets(samples, "slots"), self._slot_targets(samples, "places")
+            slots = self._slot_targets(samples, "slots")
             pair_logits, place_logits = self.token_head(queries[:, : self.num_slots]).float().split([len(PAIRS) + 1, len(PLACES) + 1], dim=-1)
             token_loss = F.cross_entropy(pair_logits.flatten(0, 1), slots.flatten()) + F.cross_entropy(place_logits.flatten(0, 1), places.flatten())
             loss = loss + self.token_weight * token_loss
