@@ -3,8 +3,9 @@
 # frozen SmolLM2, only llama_proj learns), stage 2 (questions), its two describe-weighted
 # continuations (2d, 2e in docs/nano.md), the conversation stage (2f: llama_proj and LoRA),
 # stage 0b (the vision side learns other drawings from its frozen self), stage 0c (and where the
-# shapes are) and 2g (the conversations again, reading the places), then the shipped weights file
-# and its score on 200 held-out scenes. Each stage resumes from its newest checkpoint and a finished
+# shapes are), 2g (the conversations again, reading the places), stage 0d (each shape in one query
+# token), 2i and 2k (the conversations reading those tokens), then the shipped weights file and
+# its score on 200 held-out scenes. Each stage resumes from its newest checkpoint and a finished
 # stage is skipped, so the script can be stopped and started again at any point.
 #
 #   bash scripts/train_nano.sh                 # CPU: many hours on 2 cores
@@ -34,6 +35,9 @@ S2F="$OUT/minigpt4_nano_stage2f/run/checkpoint_0.pth"
 S0B="$OUT/minigpt4_nano_stage0b/run/checkpoint_0.pth"
 S0C="$OUT/minigpt4_nano_stage0c/run/checkpoint_0.pth"
 S2G="$OUT/minigpt4_nano_stage2g/run/checkpoint_0.pth"
+S0D="$OUT/minigpt4_nano_stage0d/run/checkpoint_0.pth"
+S2I="$OUT/minigpt4_nano_stage2i/run/checkpoint_0.pth"
+S2K="$OUT/minigpt4_nano_stage2k/run/checkpoint_0.pth"
 
 train() {  # config, output dir, extra options...
     "$PYTHON" train.py --cfg-path "$1" --resume auto --options "${opts[@]}" "run.output_dir=$2" "${@:3}" "${extra[@]}"
@@ -60,8 +64,20 @@ train() {  # config, output dir, extra options...
     datasets.synthetic_shapes.build_info.seed=31 "datasets.synthetic_shapes.build_info.turns=[1,3]" \
     "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists]" \
     run.init_lr=1.5e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=600
+# Each shape in one query token (slot i's shape and place from token i alone), the MSE keeping the rest.
+[[ -f "$S0D" ]] || train train_configs/minigpt4_nano_stage0d.yaml "$OUT/minigpt4_nano_stage0d" "model.ckpt=[$S0,$S0C]"
+# 2g's conversations once more, reading 0d's tokens.
+[[ -f "$S2I" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2i" "model.ckpt=[$S0,$S2G,$S0D]" \
+    datasets.synthetic_shapes.build_info.seed=43 "datasets.synthetic_shapes.build_info.turns=[1,3]" \
+    "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists]" \
+    run.init_lr=1.5e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=600
+# Shorter chats, fewer of them opening with "describe": more questions answered from the picture alone.
+[[ -f "$S2K" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2k" "model.ckpt=[$S0,$S0D,$S2I]" \
+    datasets.synthetic_shapes.build_info.seed=53 "datasets.synthetic_shapes.build_info.turns=[1,2]" datasets.synthetic_shapes.build_info.first_describe=0.3 \
+    "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,colour,where,where,where,exists,exists]" \
+    run.init_lr=1.5e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=400
 
 "$PYTHON" -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2_chat.yaml \
-    --out "$OUT/minigpt4_nano.pth" --options "model.ckpt=[$S0,$S2G,$S0C]" "${extra[@]}"
+    --out "$OUT/minigpt4_nano.pth" --options "model.ckpt=[$S0,$S0D,$S2K]" "${extra[@]}"
 "$PYTHON" -m minigpt4.apps.eval_shapes -n "${EVAL_N:-200}" --options "model.ckpt=$(realpath "$OUT/minigpt4_nano.pth")" "${extra[@]}" | tee "$OUT/eval.json"
 echo "weights: $OUT/minigpt4_nano.pth (copy to minigpt4/weights/ to ship them)"
