@@ -4,8 +4,9 @@
 # continuations (2d, 2e in docs/nano.md), the conversation stage (2f: llama_proj and LoRA),
 # stage 0b (the vision side learns other drawings from its frozen self), stage 0c (and where the
 # shapes are), 2g (the conversations again, reading the places), stage 0d (each shape in one query
-# token), 2i and 2k (the conversations reading those tokens), then the shipped weights file and
-# its score on 200 held-out scenes. Each stage resumes from its newest checkpoint and a finished
+# token), 2i and 2k (the conversations reading those tokens), stage 0e (each shape kind in one
+# query token) and 2n (the conversations reading them, with hard questions), then the shipped
+# weights file and its score on 200 held-out scenes. Each stage resumes from its newest checkpoint and a finished
 # stage is skipped, so the script can be stopped and started again at any point.
 #
 #   bash scripts/train_nano.sh                 # CPU: many hours on 2 cores
@@ -38,6 +39,9 @@ S2G="$OUT/minigpt4_nano_stage2g/run/checkpoint_0.pth"
 S0D="$OUT/minigpt4_nano_stage0d/run/checkpoint_0.pth"
 S2I="$OUT/minigpt4_nano_stage2i/run/checkpoint_0.pth"
 S2K="$OUT/minigpt4_nano_stage2k/run/checkpoint_0.pth"
+AFTER_2K="$OUT/minigpt4_nano_after_2k.pth"
+S0E="$OUT/minigpt4_nano_stage0e/run/checkpoint_0.pth"
+S2N="$OUT/minigpt4_nano_stage2n/run/checkpoint_0.pth"
 
 train() {  # config, output dir, extra options...
     "$PYTHON" train.py --cfg-path "$1" --resume auto --options "${opts[@]}" "run.output_dir=$2" "${@:3}" "${extra[@]}"
@@ -59,25 +63,38 @@ train() {  # config, output dir, extra options...
 [[ -f "$S0B" ]] || train train_configs/minigpt4_nano_stage0b.yaml "$OUT/minigpt4_nano_stage0b" "model.ckpt=$S0"
 # Where the shapes are (which third): a place head on the student, the MSE keeping the rest.
 [[ -f "$S0C" ]] || train train_configs/minigpt4_nano_stage0c.yaml "$OUT/minigpt4_nano_stage0c" "model.ckpt=[$S0,$S0B]"
-# The conversations again, on 0c's vision side: more questions about places, colours and "is there".
+# The conversations again, on 0c's vision side: chats of 1-3 turns, more questions about places
+# ("where" a third of them), colours and "is there". 2i runs the same mix again.
+chat_mix=("datasets.synthetic_shapes.build_info.turns=[1,3]"
+    "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists]"
+    run.init_lr=1.5e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=600)
 [[ -f "$S2G" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2g" "model.ckpt=[$S0,$S2F,$S0C]" \
-    datasets.synthetic_shapes.build_info.seed=31 "datasets.synthetic_shapes.build_info.turns=[1,3]" \
-    "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists]" \
-    run.init_lr=1.5e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=600
+    datasets.synthetic_shapes.build_info.seed=31 "${chat_mix[@]}"
 # Each shape in one query token (slot i's shape and place from token i alone), the MSE keeping the rest.
 [[ -f "$S0D" ]] || train train_configs/minigpt4_nano_stage0d.yaml "$OUT/minigpt4_nano_stage0d" "model.ckpt=[$S0,$S0C]"
-# 2g's conversations once more, reading 0d's tokens.
+# 2g's mix once more, reading 0d's tokens.
 [[ -f "$S2I" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2i" "model.ckpt=[$S0,$S2G,$S0D]" \
-    datasets.synthetic_shapes.build_info.seed=43 "datasets.synthetic_shapes.build_info.turns=[1,3]" \
-    "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists]" \
-    run.init_lr=1.5e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=600
+    datasets.synthetic_shapes.build_info.seed=43 "${chat_mix[@]}"
 # Shorter chats, fewer of them opening with "describe": more questions answered from the picture alone.
 [[ -f "$S2K" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2k" "model.ckpt=[$S0,$S0D,$S2I]" \
     datasets.synthetic_shapes.build_info.seed=53 "datasets.synthetic_shapes.build_info.turns=[1,2]" datasets.synthetic_shapes.build_info.first_describe=0.3 \
     "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,colour,where,where,where,exists,exists]" \
     run.init_lr=1.5e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=400
 
-"$PYTHON" -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2_chat.yaml \
-    --out "$OUT/minigpt4_nano.pth" --options "model.ckpt=[$S0,$S0D,$S2K]" "${extra[@]}"
+export_weights() {  # output file, checkpoints (the later win)
+    "$PYTHON" -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2_chat.yaml --out "$1" --options "model.ckpt=$2" "${extra[@]}"
+}
+# Each shape kind in one query token (the colour and place of the circle, the square, the triangle),
+# from the weights file after 2k (so 0d's vision side, with fresh heads), the MSE keeping the rest.
+[[ -f "$AFTER_2K" || -f "$S0E" ]] || export_weights "$AFTER_2K" "[$S0,$S0D,$S2K]"
+[[ -f "$S0E" ]] || train train_configs/minigpt4_nano_stage0e.yaml "$OUT/minigpt4_nano_stage0e" "model.ckpt=$AFTER_2K"
+# The conversations reading 0e's tokens: half the "where" and "no" questions ones the text cannot answer.
+[[ -f "$S2N" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2n" "model.ckpt=[$S0,$S2K,$S0E]" \
+    datasets.synthetic_shapes.build_info.seed=71 "datasets.synthetic_shapes.build_info.turns=[1,3]" \
+    datasets.synthetic_shapes.build_info.first_describe=0.4 datasets.synthetic_shapes.build_info.hard_questions=0.5 \
+    "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,colour,where,where,where,exists,exists]" \
+    run.init_lr=1.5e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=700
+
+export_weights "$OUT/minigpt4_nano.pth" "[$S0,$S2K,$S0E,$S2N]"
 "$PYTHON" -m minigpt4.apps.eval_shapes -n "${EVAL_N:-200}" --options "model.ckpt=$(realpath "$OUT/minigpt4_nano.pth")" "${extra[@]}" | tee "$OUT/eval.json"
 echo "weights: $OUT/minigpt4_nano.pth (copy to minigpt4/weights/ to ship them)"

@@ -79,6 +79,9 @@ class ModelConfig:
     # vision_distiller: weight of its token head's loss (query token i says slot i's shape and place,
     # one head shared by the first three tokens); 0: no head
     token_weight: float = 0.0
+    # vision_distiller: weight of its kind head's loss (the query tokens after the slots' say, one
+    # per shape kind, that kind's colour and place), one head shared by them; 0: no head
+    kind_weight: float = 0.0
     # MiniGPT-4 checkpoint(s) (llama_proj, and whatever else was trained): a path/URL or a list
     ckpt: Any = None
 

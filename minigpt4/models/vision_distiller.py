@@ -15,8 +15,12 @@ against the MSE that keeps everything else where ``llama_proj`` expects it. With
 ``model.token_weight`` > 0 one linear head, shared by the first three query tokens, learns from
 token *i* alone slot *i*'s (colour, shape) and place: each shape then sits in one token, in the
 same format for every slot, which is what the LLM can look up by attention ("where is the red
-circle?"); a head over all tokens side by side lets a slot spread over several. The heads stay
-behind (unexpected keys) when the checkpoint loads into MiniGPT-4.
+circle?"); a head over all tokens side by side lets a slot spread over several. With
+``model.kind_weight`` > 0 one more linear head, shared by the three query tokens after the slots',
+learns from each the colour and place of one shape kind (circle, square, triangle; or that the kind
+is absent, or there more than once): "what colour is the square?" then reads a token found by its
+kind, not by matching shapes across the slots. The heads stay behind (unexpected keys) when the
+checkpoint loads into MiniGPT-4.
 
 The student keeps MiniGPT-4's names (``visual_encoder``, ``ln_vision``, ``Qformer``,
 ``query_tokens``), so its checkpoint loads into the full model through ``model.ckpt``, after the
@@ -33,7 +37,7 @@ from torch.nn import functional as F
 
 from minigpt4.common.config import ConfigError, model_config
 from minigpt4.common.registry import registry
-from minigpt4.datasets.datasets.synthetic_shapes import PAIRS, PLACES
+from minigpt4.datasets.datasets.synthetic_shapes import COLOURS, PAIRS, PLACES, SHAPES
 from minigpt4.models.base_model import BaseModel
 from minigpt4.models.mini_gpt4 import VisionQueries
 
@@ -47,7 +51,8 @@ class VisionDistiller(VisionQueries, BaseModel):
     outputs; with ``place_weight`` > 0, plus that weight times the place head's cross-entropy on
     ``samples["places"]`` (per slot: left, middle, right or empty); with ``token_weight`` > 0, plus
     that weight times the token head's cross-entropies on ``samples["slots"]`` and
-    ``samples["places"]``.
+    ``samples["places"]``; with ``kind_weight`` > 0, plus that weight times the kind head's
+    cross-entropies on ``samples["kind_colours"]`` and ``samples["kind_places"]``.
     """
 
     PRETRAINED_MODEL_CONFIG_DICT = {"nano": "configs/models/minigpt4_nano.yaml"}
@@ -60,10 +65,11 @@ class VisionDistiller(VisionQueries, BaseModel):
         query_tokens: nn.Parameter,
         place_weight: float = 0.0,
         token_weight: float = 0.0,
+        kind_weight: float = 0.0,
         num_slots: int = 3,
     ):
         super().__init__(visual_encoder, ln_vision, Qformer, query_tokens)
-        self.place_weight, self.token_weight, self.num_slots = place_weight, token_weight, num_slots
+        self.place_weight, self.token_weight, self.kind_weight, self.num_slots = place_weight, token_weight, kind_weight, num_slots
         if place_weight > 0:
             self.place_head = nn.Linear(self.queries_width, num_slots * (len(PLACES) + 1))
         if token_weight > 0:
@@ -73,6 +79,14 @@ class VisionDistiller(VisionQueries, BaseModel):
                     f"need >= {num_slots} tokens, got {query_tokens.shape[1]}"
                 )
             self.token_head = nn.Linear(Qformer.config.hidden_size, len(PAIRS) + 1 + len(PLACES) + 1)
+        if kind_weight > 0:
+            if query_tokens.shape[1] < num_slots + len(SHAPES):
+                raise ConfigError(
+                    f"model.num_query_token: the kind head reads shape kind k from query token {num_slots} + k, so "
+                    f"{num_slots} slots and {len(SHAPES)} kinds need >= {num_slots + len(SHAPES)} tokens, got {query_tokens.shape[1]}"
+                )
+            # per kind: a colour, absent or several; a third, absent or several
+            self.kind_head = nn.Linear(Qformer.config.hidden_size, len(COLOURS) + 2 + len(PLACES) + 2)
         self.requires_grad_(True)
         self.train()  # dropout off from the start (see train)
 
@@ -98,10 +112,12 @@ class VisionDistiller(VisionQueries, BaseModel):
         cfg = model_config(cfg)
         if not cfg.ckpt:
             raise ConfigError("model.ckpt: the vision distiller needs the trained vision side to copy (e.g. weights/minigpt4_nano.pth)")
-        for key, head in (("place_weight", "place head"), ("token_weight", "token head")):
+        for key, head in (("place_weight", "place head"), ("token_weight", "token head"), ("kind_weight", "kind head")):
             if cfg[key] < 0:
                 raise ConfigError(f"model.{key}: a weight >= 0 (0: no {head}), got {cfg[key]}")
-        model = cls(*cls.trainable_parts(cfg, "vision distiller"), place_weight=cfg.place_weight, token_weight=cfg.token_weight)
+        model = cls(
+            *cls.trainable_parts(cfg, "vision distiller"), place_weight=cfg.place_weight, token_weight=cfg.token_weight, kind_weight=cfg.kind_weight
+        )
         model.load_checkpoints(cfg.ckpt)
         model.freeze_teacher()
         return model
@@ -123,6 +139,12 @@ class VisionDistiller(VisionQueries, BaseModel):
             pair_logits, place_logits = self.token_head(queries[:, : self.num_slots]).float().split([len(PAIRS) + 1, len(PLACES) + 1], dim=-1)
             token_loss = F.cross_entropy(pair_logits.flatten(0, 1), slots.flatten()) + F.cross_entropy(place_logits.flatten(0, 1), places.flatten())
             loss = loss + self.token_weight * token_loss
+        if self.kind_weight > 0:
+            kind_tokens = queries[:, self.num_slots : self.num_slots + len(SHAPES)]
+            colour_logits, place_logits = self.kind_head(kind_tokens).float().split([len(COLOURS) + 2, len(PLACES) + 2], dim=-1)
+            colours, kind_places = self._kind_targets(samples, "kind_colours"), self._kind_targets(samples, "kind_places")
+            kind_loss = F.cross_entropy(colour_logits.flatten(0, 1), colours.flatten()) + F.cross_entropy(place_logits.flatten(0, 1), kind_places.flatten())
+            loss = loss + self.kind_weight * kind_loss
         return {"loss": loss}
 
     def _slot_targets(self, samples: Mapping[str, Any], key: str) -> torch.Tensor:
@@ -133,3 +155,9 @@ class VisionDistiller(VisionQueries, BaseModel):
                 "(synthetic_shapes build_info.max_shapes must be 3)"
             )
         return targets
+
+    @staticmethod
+    def _kind_targets(samples: Mapping[str, Any], key: str) -> torch.Tensor:
+        if key not in samples:
+            raise KeyError(f"samples['{key}']: the kind head's targets come from synthetic_shapes (scene_kinds)")
+        return samples[key]

@@ -1,6 +1,7 @@
 """The nano model's scenes: deterministic per seed, and every answer true of its picture."""
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter
 
@@ -153,3 +154,43 @@ def test_conversations_need_a_history_template():
         SyntheticShapesDataset(lambda image: image, turns=(1, 3))
     with pytest.raises(ValueError, match=r"datasets\.synthetic_shapes\.turns: expected \[min, max\]"):
         SyntheticShapesDataset(lambda image: image, turns=(3, 1), history_template=CHATML_TURN)
+
+
+def test_hard_questions_ask_what_the_text_and_the_order_cannot_answer():
+    """hard_questions=1: a "where" about a shape off the place its rank suggests whenever the scene
+    has one, and a "no" that crosses one shape's colour with another's kind whenever one exists;
+    hard_questions=0 asks exactly the questions of a run without the option."""
+    from minigpt4.datasets.datasets.synthetic_shapes import ask, conversation, order_third
+
+    assert [order_third([None] * n, i) for n in (1, 2, 3) for i in range(n)] == [1, 0, 2, 0, 1, 2]
+    checked = Counter()
+    for index in range(300):
+        scene = make_scene(random.Random(index))
+        present = {(s.colour, s.shape) for s in scene}
+        where = ask(scene, "where", random.Random(index), hard=1.0)
+        unique = [s for s in scene if [o.name for o in scene].count(s.name) == 1]
+        if where is not None and any(s.third != order_third(scene, scene.index(s)) for s in unique):
+            assert where.focus.third != order_third(scene, scene.index(where.focus)), (scene, where)
+            checked["where"] += 1
+        crossed = {(a.colour, b.shape) for a in scene for b in scene} - present
+        for draw in range(4):  # half the "is there" questions are a "yes"
+            turn = ask(scene, "exists", random.Random(1000 * index + draw), hard=1.0)
+            if turn.answer.startswith("no") and crossed:
+                colour, shape = turn.answer.removeprefix("no, there is no ").rstrip(".").split()
+                assert (colour, shape) in crossed, (scene, turn)
+                checked["no"] += 1
+    assert checked["where"] > 50 and checked["no"] > 50
+    # without the option, the conversations are those drawn before it existed (the held-out
+    # evaluation's questions among them): a digest of 200 of them, taken from the code before it
+    digest = hashlib.sha256()
+    for index in range(200):
+        for turn in conversation(make_scene(random.Random(index)), random.Random(index), 4):
+            digest.update(f"{turn.question}|{turn.answer}\n".encode())
+    assert digest.hexdigest()[:16] == "b7ea88f0c01de0e5"
+
+
+def test_hard_questions_are_checked():
+    with pytest.raises(ValueError, match=r"datasets\.synthetic_shapes\.hard_questions: a probability in \[0, 1\], got 1\.5"):
+        SyntheticShapesDataset(lambda image: image, turns=(1, 3), history_template=CHATML_TURN, hard_questions=1.5)
+    with pytest.raises(ValueError, match=r"datasets\.synthetic_shapes\.hard_questions: only conversations"):
+        SyntheticShapesDataset(lambda image: image, hard_questions=0.5)

@@ -19,8 +19,11 @@ from minigpt4.datasets.datasets.synthetic_shapes import (
     PAIRS,
     PLACES,
     RESTYLE_SIZES,
+    SHAPES,
+    Shape,
     SyntheticShapesDataset,
     restyled_shade,
+    scene_kinds,
     scene_places,
     scene_slots,
 )
@@ -140,6 +143,19 @@ def test_the_place_head_learns_where_the_shapes_are_while_the_mse_holds_the_rest
         model({**batch, "places": batch["places"][:, :2]})
 
 
+def train_with_warmup(model, batch, steps: int = 40) -> None:
+    """AdamW on one batch with a warm-up, as the configs': at full rate a new head's first gradients
+    throw the outputs far off."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.03, total_iters=20)
+    for _ in range(steps):
+        loss = model(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        warmup.step()
+
+
 def test_the_token_head_reads_each_slot_from_its_own_query_token(write_yaml):
     path = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
     torch.manual_seed(0)
@@ -160,15 +176,7 @@ def test_the_token_head_reads_each_slot_from_its_own_query_token(write_yaml):
     token_before, mse_before = token_loss_and_mse()
     with torch.no_grad():
         assert model(batch)["loss"].item() == pytest.approx(mse_before + token_before, rel=1e-4)
-    # A warm-up, as the config's: at full rate the new head's first gradients throw the outputs far off.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.03, total_iters=20)
-    for _ in range(40):
-        loss = model(batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        warmup.step()
+    train_with_warmup(model, batch)
     token_after, _ = token_loss_and_mse()
     assert token_after < 0.5 * token_before, (token_before, token_after)
     # How far the outputs move is the MSE's to hold over a run (stage 0d: 0.05 after 250 of 1,500
@@ -177,13 +185,46 @@ def test_the_token_head_reads_each_slot_from_its_own_query_token(write_yaml):
         model({**batch, "slots": batch["slots"][:, :2]})
 
 
+def test_the_kind_head_reads_each_shape_kind_from_its_own_query_token(write_yaml):
+    # the targets: per kind its colour and third, or absent / several
+    scene = [Shape("red", "circle", 0.2, 0.5, 0.2), Shape("blue", "square", 0.5, 0.5, 0.2), Shape("green", "square", 0.8, 0.5, 0.2)]
+    assert scene_kinds(scene) == ([list(COLOURS).index("red"), len(COLOURS) + 1, len(COLOURS)], [0, len(PLACES) + 1, len(PLACES)])
+    path = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
+    torch.manual_seed(0)
+    model = VisionDistiller.from_config(nano_cfg(write_yaml, "vision_distiller", ckpt=str(path), token_weight=1.0, kind_weight=1.0))
+    data = SyntheticShapesDataset(Blip2ImageEvalProcessor(64), seed=1, restyle=0.5)
+    batch = collate([data.load(i, seed=i) for i in range(32)])
+    assert batch["kind_colours"].shape == batch["kind_places"].shape == (32, len(SHAPES))
+
+    def kind_loss():
+        with torch.no_grad():
+            out = model.kind_head(model.queries(batch["image"])[:, 3:6])  # token 3 + k -> kind k, one head for all three
+            colour, place = out[..., : len(COLOURS) + 2], out[..., len(COLOURS) + 2 :]
+            ce = torch.nn.functional.cross_entropy
+            return (ce(colour.flatten(0, 1), batch["kind_colours"].flatten()) + ce(place.flatten(0, 1), batch["kind_places"].flatten())).item()
+
+    before = kind_loss()
+    with torch.no_grad():  # the kind loss, weighted, adds to the rest
+        model.kind_weight = 0.0
+        rest = model(batch)["loss"].item()
+        model.kind_weight = 2.0
+        assert model(batch)["loss"].item() == pytest.approx(rest + 2.0 * before, rel=1e-4)
+        model.kind_weight = 1.0
+    train_with_warmup(model, batch)
+    assert kind_loss() < 0.5 * before, (before, kind_loss())
+    with pytest.raises(KeyError, match=r"samples\['kind_places'\]: the kind head's targets"):
+        model({k: v for k, v in batch.items() if k != "kind_places"})
+    with pytest.raises(ConfigError, match=r"model.num_query_token: the kind head reads shape kind k from query token 3 \+ k"):
+        VisionDistiller.from_config(nano_cfg(write_yaml, "vision_distiller", ckpt=str(path), kind_weight=1.0, num_query_token=5))
+
+
 def test_the_token_head_needs_a_query_token_per_slot(write_yaml):
     path = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
     with pytest.raises(ConfigError, match="model.num_query_token: the token head reads slot i from query token i"):
         VisionDistiller.from_config(nano_cfg(write_yaml, "vision_distiller", ckpt=str(path), token_weight=1.0, num_query_token=2))
 
 
-@pytest.mark.parametrize("key", ["place_weight", "token_weight"])
+@pytest.mark.parametrize("key", ["place_weight", "token_weight", "kind_weight"])
 def test_a_negative_head_weight_is_refused(write_yaml, key):
     path = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
     with pytest.raises(ConfigError, match=f"model.{key}: a weight >= 0"):

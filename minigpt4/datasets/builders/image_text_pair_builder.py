@@ -84,6 +84,7 @@ class SyntheticShapesBuilder(BaseDatasetBuilder):
                 history_template=info.get("history_template"),
                 first_describe=float(info.get("first_describe", 0.5)),
                 restyle=float(info.get("restyle", 0.0)),
+                hard_questions=float(info.get("hard_questions", 0.0)),
                 location=self.key("build_info"),
             )
         except ValueError as err:

@@ -211,11 +211,21 @@ def _unique(scene: Sequence[Shape], key: Callable[[Shape], Any]) -> list[Shape]:
     return [s for s in scene if counts[key(s)] == 1]
 
 
-def ask(scene: Sequence[Shape], kind: str, rng: random.Random, focus: Shape | None = None) -> Turn | None:
+def order_third(scene: Sequence[Shape], index: int) -> int:
+    """The third that shape ``index``'s rank from left to right alone suggests: the middle for a lone
+    shape, left and right for two, left, middle and right for three."""
+    n = len(scene)
+    return 1 if n == 1 else round(2 * index / (n - 1))
+
+
+def ask(scene: Sequence[Shape], kind: str, rng: random.Random, focus: Shape | None = None, hard: float = 0.0) -> Turn | None:
     """A question of ``kind`` with a well-defined answer for ``scene``, or None where there is none.
 
     With ``focus`` (a shape the conversation just talked about) ``colour`` and ``where`` refer to it
-    as "it".
+    as "it". With probability ``hard`` a question is one that the text or the shapes' order cannot
+    answer: "where" asks about a shape whose place its rank from left to right does not give away,
+    and a "no" to "is there" names the colour of one shape in the kind of another. At 0 no random
+    number is drawn for it, so the questions are those of a run without it.
     """
     n = len(scene)
     if kind == "describe":
@@ -236,6 +246,9 @@ def ask(scene: Sequence[Shape], kind: str, rng: random.Random, focus: Shape | No
         options = _unique(scene, lambda s: s.name)
         if not options:
             return None
+        if hard and rng.random() < hard:
+            surprising = [o for o in options if o.third != order_third(scene, scene.index(o))]
+            options = surprising or options
         s = rng.choice(options)
         return Turn(kind, QUESTIONS["where"].format(colour=s.colour, shape=s.shape), f"the {s.name} is {s.place}.", s)
     if kind == "exists":
@@ -248,6 +261,8 @@ def ask(scene: Sequence[Shape], kind: str, rng: random.Random, focus: Shape | No
         # mostly near misses: the colour of a shape that is there, or a shape in a colour that is there
         s = rng.choice(scene)
         near = [(c, s.shape) for c in COLOURS] + [(s.colour, k) for k in SHAPES]
+        if hard and rng.random() < hard:
+            near = [(a.colour, b.shape) for a in scene for b in scene if (a.colour, b.shape) not in present] or near
         absent = [p for p in near if p not in present] or [p for p in PAIRS if p not in present]
         name = " ".join(rng.choice(absent))
         return Turn(kind, QUESTIONS["exists"].format(a_name=_a(name)), f"no, there is no {name}.")
@@ -255,11 +270,11 @@ def ask(scene: Sequence[Shape], kind: str, rng: random.Random, focus: Shape | No
 
 
 def conversation(
-    scene: Sequence[Shape], rng: random.Random, turns: int, kinds: Sequence[str] = PROMPT_KINDS, first: str | None = None
+    scene: Sequence[Shape], rng: random.Random, turns: int, kinds: Sequence[str] = PROMPT_KINDS, first: str | None = None, hard: float = 0.0
 ) -> list[Turn]:
     """``turns`` questions about one scene, as a user would chat: no question twice, and after a
     turn about one shape a follow-up may ask about "it" (``refers_back``). ``first`` fixes the
-    kind of the first turn."""
+    kind of the first turn; ``hard`` is :func:`ask`'s."""
     asked: list[Turn] = []
     for _ in range(20 * turns):
         if len(asked) == turns:
@@ -268,7 +283,7 @@ def conversation(
         if kind == "describe" and any(t.kind == "describe" for t in asked):
             continue
         focus = asked[-1].focus if asked and rng.random() < 0.5 else None
-        turn = ask(scene, kind, rng, focus)
+        turn = ask(scene, kind, rng, focus, hard)
         if turn is None or any(t.question == turn.question and t.answer == turn.answer for t in asked):
             continue
         asked.append(turn)
@@ -313,6 +328,27 @@ def scene_places(scene: Sequence[Shape], max_shapes: int = 3) -> list[int]:
     return [s.third for s in scene] + [NO_PLACE] * (max_shapes - len(scene))
 
 
+ABSENT, SEVERAL = 0, 1  # offsets past the last colour / place: the kind is not there, or more than once
+
+
+def scene_kinds(scene: Sequence[Shape]) -> tuple[list[int], list[int]]:
+    """Per shape kind (:data:`SHAPES`): the colour (index into :data:`COLOURS`) and the third of
+    its shape, or ``len(COLOURS)`` / ``len(PLACES)`` where the kind is absent and one more where it
+    occurs several times. What "what colour is the circle?" and "where is the circle?" ask, by kind
+    rather than by rank from left to right: a target for the vision side."""
+    colours, places = [], []
+    for kind in SHAPES:
+        found = [s for s in scene if s.shape == kind]
+        if len(found) == 1:
+            colours.append(list(COLOURS).index(found[0].colour))
+            places.append(found[0].third)
+        else:
+            extra = ABSENT if not found else SEVERAL
+            colours.append(len(COLOURS) + extra)
+            places.append(len(PLACES) + extra)
+    return colours, places
+
+
 class SyntheticShapesDataset:
     """Map-style: ``load(index, seed)`` renders scene ``index`` and picks its prompt kind.
 
@@ -320,7 +356,8 @@ class SyntheticShapesDataset:
     ``instruction_template`` set, items carry ``instruction_input`` (the question after the
     image slot); without it the model's prompt list supplies the instruction. Items also carry
     the targets of the vision stages: ``slots`` (per slot, left to right, which pair or none),
-    ``places`` (per slot, which third of the image or none) and ``labels`` (18-way multi-hot).
+    ``places`` (per slot, which third of the image or none), ``kind_colours`` and ``kind_places``
+    (per shape kind, see :func:`scene_kinds`) and ``labels`` (18-way multi-hot).
     """
 
     def __init__(
@@ -337,6 +374,7 @@ class SyntheticShapesDataset:
         history_template: str | None = None,
         first_describe: float = 0.5,
         restyle: float = 0.0,
+        hard_questions: float = 0.0,
     ):
         unknown = set(prompt_kinds) - set(PROMPT_KINDS)
         if unknown or not prompt_kinds:
@@ -362,6 +400,11 @@ class SyntheticShapesDataset:
         if not 0.0 <= restyle <= 1.0:
             raise ValueError(f"{location}.restyle: a probability in [0, 1], got {restyle}")
         self.restyle = restyle
+        if not 0.0 <= hard_questions <= 1.0:
+            raise ValueError(f"{location}.hard_questions: a probability in [0, 1], got {hard_questions}")
+        if hard_questions and turns[1] == 1:
+            raise ValueError(f"{location}.hard_questions: only conversations (turns above [1, 1]) draw their questions with it")
+        self.hard_questions = hard_questions
 
     def __len__(self) -> int:
         return self.num_samples
@@ -396,12 +439,15 @@ class SyntheticShapesDataset:
             available = [k for k in self.prompt_kinds if k in qa]
             kind = random.Random(derive_seed(self.seed, "kind", index)).choice(available or ["describe"])
             question, answer = qa[kind]
+        kind_colours, kind_places = scene_kinds(scene)
         item = {
             "image": seeded_call(seed, self.vis_processor, image),
             "answer": answer,
             "labels": torch.tensor(scene_labels(scene)),
             "slots": torch.tensor(scene_slots(scene, self.max_shapes)),
             "places": torch.tensor(scene_places(scene, self.max_shapes)),
+            "kind_colours": torch.tensor(kind_colours),
+            "kind_places": torch.tensor(kind_places),
         }
         if teacher_image is not None:
             item["teacher_image"] = seeded_call(seed, self.vis_processor, teacher_image)
@@ -420,6 +466,6 @@ class SyntheticShapesDataset:
         rng = random.Random(derive_seed(self.seed, "conversation", index))
         count = rng.randint(*self.turns)
         first = "describe" if rng.random() < self.first_describe else None
-        *history, last = conversation(scene, rng, count, self.prompt_kinds, first)
+        *history, last = conversation(scene, rng, count, self.prompt_kinds, first, self.hard_questions)
         written = "".join(self.history_template.format(question=t.question, answer=t.answer) for t in history)
         return written + last.question, last.answer
