@@ -6,8 +6,8 @@
 # shapes are), 2g (the conversations again, reading the places), stage 0d (each shape in one query
 # token), 2i and 2k (the conversations reading those tokens), stage 0e (each shape kind in one
 # query token) and 2n (the conversations reading them, with hard questions), then the shipped
-# weights file and its score on 200 held-out scenes. Each stage resumes from its newest checkpoint and a finished
-# stage is skipped, so the script can be stopped and started again at any point.
+# weights file and its score on 200 held-out scenes. Each stage resumes from its newest checkpoint
+# and a finished stage is skipped, so the script can be stopped and started again at any point.
 #
 #   bash scripts/train_nano.sh                 # CPU: many hours on 2 cores
 #   DEVICE=cuda bash scripts/train_nano.sh     # one GPU: minutes (bf16 autocast, 8 loader workers)

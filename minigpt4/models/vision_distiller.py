@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from minigpt4.common.config import ConfigError, model_config
 from minigpt4.common.registry import registry
-from minigpt4.datasets.datasets.synthetic_shapes import COLOURS, PAIRS, PLACES, SHAPES
+from minigpt4.datasets.datasets.synthetic_shapes import KIND_COLOUR_CLASSES, KIND_PLACE_CLASSES, PAIRS, PLACES, SHAPES
 from minigpt4.models.base_model import BaseModel
 from minigpt4.models.mini_gpt4 import VisionQueries
 
@@ -85,8 +85,7 @@ class VisionDistiller(VisionQueries, BaseModel):
                     f"model.num_query_token: the kind head reads shape kind k from query token {num_slots} + k, so "
                     f"{num_slots} slots and {len(SHAPES)} kinds need >= {num_slots + len(SHAPES)} tokens, got {query_tokens.shape[1]}"
                 )
-            # per kind: a colour, absent or several; a third, absent or several
-            self.kind_head = nn.Linear(Qformer.config.hidden_size, len(COLOURS) + 2 + len(PLACES) + 2)
+            self.kind_head = nn.Linear(Qformer.config.hidden_size, KIND_COLOUR_CLASSES + KIND_PLACE_CLASSES)
         self.requires_grad_(True)
         self.train()  # dropout off from the start (see train)
 
@@ -141,7 +140,7 @@ class VisionDistiller(VisionQueries, BaseModel):
             loss = loss + self.token_weight * token_loss
         if self.kind_weight > 0:
             kind_tokens = queries[:, self.num_slots : self.num_slots + len(SHAPES)]
-            colour_logits, place_logits = self.kind_head(kind_tokens).float().split([len(COLOURS) + 2, len(PLACES) + 2], dim=-1)
+            colour_logits, place_logits = self.kind_head(kind_tokens).float().split([KIND_COLOUR_CLASSES, KIND_PLACE_CLASSES], dim=-1)
             colours, kind_places = self._kind_targets(samples, "kind_colours"), self._kind_targets(samples, "kind_places")
             kind_loss = F.cross_entropy(colour_logits.flatten(0, 1), colours.flatten()) + F.cross_entropy(place_logits.flatten(0, 1), kind_places.flatten())
             loss = loss + self.kind_weight * kind_loss

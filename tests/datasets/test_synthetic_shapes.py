@@ -162,15 +162,15 @@ def test_hard_questions_ask_what_the_text_and_the_order_cannot_answer():
     hard_questions=0 asks exactly the questions of a run without the option."""
     from minigpt4.datasets.datasets.synthetic_shapes import ask, conversation, order_third
 
-    assert [order_third([None] * n, i) for n in (1, 2, 3) for i in range(n)] == [1, 0, 2, 0, 1, 2]
+    assert [order_third(i, n) for n in (1, 2, 3) for i in range(n)] == [1, 0, 2, 0, 1, 2]
     checked = Counter()
     for index in range(300):
         scene = make_scene(random.Random(index))
         present = {(s.colour, s.shape) for s in scene}
         where = ask(scene, "where", random.Random(index), hard=1.0)
         unique = [s for s in scene if [o.name for o in scene].count(s.name) == 1]
-        if where is not None and any(s.third != order_third(scene, scene.index(s)) for s in unique):
-            assert where.focus.third != order_third(scene, scene.index(where.focus)), (scene, where)
+        if where is not None and any(s.third != order_third(scene.index(s), len(scene)) for s in unique):
+            assert where.focus.third != order_third(scene.index(where.focus), len(scene)), (scene, where)
             checked["where"] += 1
         crossed = {(a.colour, b.shape) for a in scene for b in scene} - present
         for draw in range(4):  # half the "is there" questions are a "yes"

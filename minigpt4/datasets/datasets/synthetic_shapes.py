@@ -211,11 +211,10 @@ def _unique(scene: Sequence[Shape], key: Callable[[Shape], Any]) -> list[Shape]:
     return [s for s in scene if counts[key(s)] == 1]
 
 
-def order_third(scene: Sequence[Shape], index: int) -> int:
-    """The third that shape ``index``'s rank from left to right alone suggests: the middle for a lone
-    shape, left and right for two, left, middle and right for three."""
-    n = len(scene)
-    return 1 if n == 1 else round(2 * index / (n - 1))
+def order_third(index: int, count: int) -> int:
+    """The third that the rank ``index`` from left to right among ``count`` shapes alone suggests:
+    the middle for a lone shape, left and right for two, left, middle and right for three."""
+    return 1 if count == 1 else round(2 * index / (count - 1))
 
 
 def ask(scene: Sequence[Shape], kind: str, rng: random.Random, focus: Shape | None = None, hard: float = 0.0) -> Turn | None:
@@ -247,7 +246,7 @@ def ask(scene: Sequence[Shape], kind: str, rng: random.Random, focus: Shape | No
         if not options:
             return None
         if hard and rng.random() < hard:
-            surprising = [o for o in options if o.third != order_third(scene, scene.index(o))]
+            surprising = [o for o in options if o.third != order_third(scene.index(o), n)]
             options = surprising or options
         s = rng.choice(options)
         return Turn(kind, QUESTIONS["where"].format(colour=s.colour, shape=s.shape), f"the {s.name} is {s.place}.", s)
@@ -329,6 +328,8 @@ def scene_places(scene: Sequence[Shape], max_shapes: int = 3) -> list[int]:
 
 
 ABSENT, SEVERAL = 0, 1  # offsets past the last colour / place: the kind is not there, or more than once
+KIND_COLOUR_CLASSES = len(COLOURS) + 2  # the classes of scene_kinds: a colour, absent or several
+KIND_PLACE_CLASSES = len(PLACES) + 2  # a third, absent or several
 
 
 def scene_kinds(scene: Sequence[Shape]) -> tuple[list[int], list[int]]:
