@@ -87,7 +87,7 @@ def test_demo_without_arguments_serves_the_nano_model(smollm2_dir, tmp_path):
 
 @pytest.mark.e2e
 def test_train_nano_script_runs_every_stage_from_nothing_then_resumes(tmp_path, smollm2_dir):
-    """``scripts/train_nano.sh`` at 2 iterations an epoch: stages 0, 1, 2, 2d, 2e, 2f, 0b, 0c, 2g, 0d, 2i, 2k, 0e, 2n, the
+    """``scripts/train_nano.sh`` at 2 iterations an epoch: stages 0, 1, 2, 2d, 2e, 2f, 0b, 0c, 2g, 0d, 2i, 2k, 0e, 2n, 2p, the
     exports and the score; a second run finds every stage finished and trains nothing."""
     env = dict(
         os.environ,
@@ -103,8 +103,8 @@ def test_train_nano_script_runs_every_stage_from_nothing_then_resumes(tmp_path, 
         return done
 
     first = train_nano()
-    assert first.stderr.count("INFO train: config:") == 14
-    for stage, epochs in {"stage0": 8, "stage1": 4, "stage2": 6, "stage2d": 1, "stage2e": 1, "stage2f": 1, "stage0b": 1, "stage0c": 1, "stage2g": 1, "stage0d": 1, "stage2i": 1, "stage2k": 1, "stage0e": 1, "stage2n": 1}.items():
+    assert first.stderr.count("INFO train: config:") == 15
+    for stage, epochs in {"stage0": 8, "stage1": 4, "stage2": 6, "stage2d": 1, "stage2e": 1, "stage2f": 1, "stage0b": 1, "stage0c": 1, "stage2g": 1, "stage0d": 1, "stage2i": 1, "stage2k": 1, "stage0e": 1, "stage2n": 1, "stage2p": 1}.items():
         log = (tmp_path / f"minigpt4_nano_{stage}" / "run" / "log.txt").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in log] == list(range(epochs)), stage
     exported = torch.load(tmp_path / "minigpt4_nano.pth", weights_only=True)["model"]

@@ -51,6 +51,25 @@ _CKPT_NAME = re.compile(r"^checkpoint_(\d+)(?:_iter(\d+))?\.pth$")
 AMP_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def cpu_bf16_slowdown(size: int = 256, repeats: int = 3) -> float:
+    """How many times as long a (size x size) matmul takes in bf16 as in fp32 on this CPU (best of
+    ``repeats`` each). CPUs with AMX or AVX512-BF16 do bf16 faster than fp32; without them oneDNN
+    emulates it, and bf16 autocast made a training step about 3x slower than fp32 (nano stage 2 on
+    2 AVX2 cores: 20 s against 6.8 s an iteration)."""
+    a = torch.randn(size, size)
+
+    def best(x: torch.Tensor) -> float:
+        x @ x  # first call: kernel selection
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(a.bfloat16()) / max(best(a), 1e-9)
+
+
 class TrainingStopped(Exception):
     """A stop signal ended the run after its checkpoint was written."""
 
@@ -123,6 +142,16 @@ class RunnerBase:
         if self.use_amp and self.device.type == "cpu" and self.amp_dtype == torch.float16:
             logger.warning("run.amp: fp16 autocast needs a GPU; training in fp32 on the CPU (amp_dtype: bfloat16 works on CPUs)")
             self.use_amp = False
+        if self.use_amp and self.device.type == "cpu":
+            # decided once for every rank, so that all of them compute alike
+            slowdown = cpu_bf16_slowdown()
+            if dist_utils.all_reduce_max(int(slowdown > 1.0), self.device):
+                logger.warning(
+                    "run.amp: this CPU has no bf16 matrix units (a bf16 matmul takes %.1fx as long as fp32 here); "
+                    "training in fp32, which is faster on it (set run.amp: False to say so in the config)",
+                    slowdown,
+                )
+                self.use_amp = False
         # bf16 has fp32's exponent range: no loss scaling needed
         self.use_scaler = self.use_amp and self.amp_dtype == torch.float16
 

@@ -9,6 +9,7 @@ import torch
 from minigpt4.common.config import ConfigError
 from minigpt4.common.utils import CheckpointError
 from minigpt4.models import MiniGPT4
+from minigpt4.runners import runner_base
 from minigpt4.runners.runner_base import CHECKPOINT_FORMAT, checkpoint_position, find_latest_checkpoint
 from train_fixtures import REF, stage2_config, write_align_folder
 
@@ -95,7 +96,21 @@ def test_latest_checkpoint_is_found_by_position(tmp_path):
     assert find_latest_checkpoint(tmp_path / "none") is None
 
 
-def test_bfloat16_autocast_runs_without_a_scaler(train, write_yaml, align_dir, tmp_path):
+def test_bfloat16_autocast_runs_without_a_scaler(train, write_yaml, align_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_base, "cpu_bf16_slowdown", lambda: 0.5)  # a CPU with bf16 units (AMX)
     runner = run(train, write_yaml, stage2_config(align_dir, tmp_path, max_epoch=1, iters_per_epoch=2, amp=True, amp_dtype="bfloat16"))
     assert runner.use_amp and not runner.use_scaler and not runner.scaler.is_enabled()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in runner.history)
+
+
+def test_bfloat16_autocast_on_a_cpu_without_bf16_units_trains_in_fp32(train, write_yaml, align_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner_base, "cpu_bf16_slowdown", lambda: 30.0)  # oneDNN emulating bf16 on AVX2
+    runner = run(train, write_yaml, stage2_config(align_dir, tmp_path, max_epoch=1, iters_per_epoch=2, amp=True, amp_dtype="bfloat16"))
+    assert not runner.use_amp and len(runner.history) == 2
+    err = capsys.readouterr().err  # train.py's logging writes there
+    assert "WARNING" in err and "no bf16 matrix units" in err and "30.0x" in err and "run.amp: False" in err
+
+
+def test_cpu_bf16_slowdown_is_a_measured_ratio():
+    ratio = runner_base.cpu_bf16_slowdown(size=64, repeats=2)
+    assert 0 < ratio < float("inf")
