@@ -20,11 +20,11 @@ WEIGHTS = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
 
 pytestmark = pytest.mark.slow
 
-# 200 held-out scenes: 92.5% exact, 99.5% counting (docs/nano.md); these first 24 (greedy,
-# deterministic) give 23/24 exact and 24/24 counts on a CPU
+# 200 held-out scenes: 94% exact, 99.5% counting (docs/nano.md); these first 24 (greedy,
+# deterministic) give 24/24 exact and 24/24 counts on a CPU
 MIN_EXACT = 0.75
 MIN_COUNTING = 0.9
-# In a chat (200 scenes: follow-ups 91.3%): the first 12 give 11/12 first turns exact and 31/36
+# In a chat (200 scenes: follow-ups 92.8%): the first 12 give 12/12 first turns exact and 33/36
 # follow-ups right; the weights before the conversation stage got about half the follow-ups.
 CONVERSATION_SCENES = 12
 MIN_FIRST_TURN = 0.6

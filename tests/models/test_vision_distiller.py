@@ -15,6 +15,7 @@ from minigpt4.datasets.data_utils import collate
 from minigpt4.datasets.datasets.synthetic_shapes import (
     COLOURS,
     HUE_BANDS,
+    KIND_COLOUR_CLASSES,
     NO_PLACE,
     PAIRS,
     PLACES,
@@ -199,7 +200,7 @@ def test_the_kind_head_reads_each_shape_kind_from_its_own_query_token(write_yaml
     def kind_loss():
         with torch.no_grad():
             out = model.kind_head(model.queries(batch["image"])[:, 3:6])  # token 3 + k -> kind k, one head for all three
-            colour, place = out[..., : len(COLOURS) + 2], out[..., len(COLOURS) + 2 :]
+            colour, place = out[..., :KIND_COLOUR_CLASSES], out[..., KIND_COLOUR_CLASSES:]
             ce = torch.nn.functional.cross_entropy
             return (ce(colour.flatten(0, 1), batch["kind_colours"].flatten()) + ce(place.flatten(0, 1), batch["kind_places"].flatten())).item()
 
