@@ -45,10 +45,11 @@ def test_scene_classifier_learns_and_keeps_minigpt4_names(write_yaml, tmp_path):
         optimizer.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.8 * first
-    # it learns what a scene holds: 16 scenes seen 60 more times are named slot by slot
+    # it learns what a scene holds: 16 scenes seen 80 more times are named slot by slot (all 16
+    # from about step 50 on; at 60 one AVX512 CPU's numerics had a bump down to 12 of 16)
     seen = batch(dataset, 0, 16)
     before = exact_scene_accuracy(model, seen["image"], seen["slots"])
-    for _ in range(60):
+    for _ in range(80):
         model.train()
         loss = task.train_step(model, seen)
         optimizer.zero_grad()
