@@ -45,8 +45,8 @@ def test_scene_classifier_learns_and_keeps_minigpt4_names(write_yaml, tmp_path):
         optimizer.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.8 * first
-    # it learns what a scene holds: 16 scenes seen 80 more times are named slot by slot (all 16
-    # from about step 50 on; at 60 one AVX512 CPU's numerics had a bump down to 12 of 16)
+    # it learns what a scene holds: 16 scenes seen 80 more times are named slot by slot (on an
+    # AVX512-BF16 CPU: all 16 at step 50, 12 of 16 at step 60, a bump of the loss, all 16 from 70)
     seen = batch(dataset, 0, 16)
     before = exact_scene_accuracy(model, seen["image"], seen["slots"])
     for _ in range(80):
