@@ -48,6 +48,41 @@ def test_shipped_weights_are_small_and_hold_everything_but_the_llm(nano_chat):
         assert torch.equal(nano_chat.model.state_dict()[name], tensor), name
 
 
+def test_every_answer_trains_on_each_answer_of_a_conversation_and_nothing_else(nano_chat):
+    """A batch of conversations with every_answer: the labelled tokens are, in order, each earlier
+    answer and the last answer with its end of turn; with the option off, the last answer alone."""
+    from minigpt4.datasets.data_utils import collate
+    from minigpt4.datasets.datasets.synthetic_shapes import SyntheticShapesDataset
+
+    model, tok = nano_chat.model, nano_chat.model.llama_tokenizer
+    history = "{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n<|im_start|>user\n"
+    to_tensor = nano_chat.vis_processor
+    kinds = ["describe", "count", "colour", "where", "exists"]
+    made = {
+        every: SyntheticShapesDataset(to_tensor, seed=5, prompt_kinds=kinds, turns=(1, 4), history_template=history, every_answer=every)
+        for every in (False, True)
+    }
+    for every, dataset in made.items():
+        items = [dataset.load(index, seed=0) for index in range(6)]
+        samples = collate(items)
+        with torch.no_grad():
+            _, mask, labels = model.prepare_inputs(samples)
+        earlier_answers = 0
+        for item, row, real in zip(items, labels, mask):
+            spans = item.get("answer_spans", [])
+            earlier_answers += len(spans)
+            wanted = [item["instruction_input"][start:end] for start, end in spans] + [item["answer"] + model.end_sym]
+            # labelled runs of tokens, each decoded on its own
+            runs, run = [], []
+            for label in row[real.bool()].tolist() + [-100]:
+                if label != -100:
+                    run.append(label)
+                elif run:
+                    runs.append(tok.decode(run)), run.clear()
+            assert runs == (wanted if every else wanted[-1:])
+        assert (earlier_answers > 5) == every
+
+
 def test_nano_describes_held_out_scenes(nano_chat):
     result = evaluate(nano_chat, num_scenes=24, batch_size=24, show_progress=False)
     # The figures the committed weights reach on 200 scenes are in docs/nano.md.

@@ -76,6 +76,21 @@ def embed_prompt(
     return torch.cat(pieces), keys
 
 
+def span_labels(prompt: str, spans: Sequence[tuple[int, int]], tokenizer: Any, keys: Sequence[Hashable]) -> list[int]:
+    """Per position of ``embed_prompt(prompt, ...)``'s output (``keys``): the token id where the
+    token's characters lie inside one of ``spans`` ((start, end) characters of ``prompt``: the
+    earlier answers of a conversation, trained on too), else -100."""
+    if not tokenizer.is_fast:
+        raise ValueError(f"training on answers inside the prompt needs a fast tokenizer (character offsets); {type(tokenizer).__name__} is not")
+    inside, start = [], 0
+    for segment in prompt.split(IMAGE_PLACEHOLDER):
+        for a, b in tokenizer(segment, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]:
+            inside.append(any(s <= start + a and start + b <= e for s, e in spans))
+        start += len(segment) + len(IMAGE_PLACEHOLDER)
+    text = iter(inside)
+    return [key if isinstance(key, int) and next(text) else -100 for key in keys]
+
+
 def query_output(Qformer: nn.Module, query_tokens: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
     """The Q-Former's query outputs (B, num_query_token, hidden) over ViT features; mask all ones."""
     image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
@@ -315,50 +330,70 @@ class MiniGPT4(BaseModel):
 
     # ---- instruction around the image --------------------------------------------------------
     def prompt_wrap(
-        self, img_embeds: torch.Tensor, atts_img: torch.Tensor, prompts: str | Sequence[str] | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        img_embeds: torch.Tensor,
+        atts_img: torch.Tensor,
+        prompts: str | Sequence[str] | None,
+        spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Replace each ``<ImageHere>`` of each prompt by that sample's image tokens.
 
-        Returns right-padded embeddings (padding = embedding of the pad id) and their mask.
+        Returns right-padded embeddings (padding = embedding of the pad id), their mask and their
+        labels: -100, but the token ids inside ``spans[i]`` (characters of prompt ``i`` to train
+        on: a conversation's earlier answers).
         """
         if not prompts:
-            return img_embeds, atts_img
+            return img_embeds, atts_img, torch.full(atts_img.shape, -100, dtype=torch.long, device=atts_img.device)
         if isinstance(prompts, str):
             prompts = [prompts] * len(img_embeds)
         device = img_embeds.device
         embed = self.llama_model.get_input_embeddings()
-        wrapped = []
-        for img, prompt in zip(img_embeds, prompts):
+        wrapped, wrapped_labels = [], []
+        for i, (img, prompt) in enumerate(zip(img_embeds, prompts)):
             # every <ImageHere> of a training prompt is this sample's image
             images = [img] * prompt.count(IMAGE_PLACEHOLDER)
             dtype = torch.promote_types(embed.weight.dtype, img.dtype)
-            emb, _ = embed_prompt(prompt, images, self.llama_tokenizer, embed, dtype=dtype)
+            emb, keys = embed_prompt(prompt, images, self.llama_tokenizer, embed, dtype=dtype)
+            labels = span_labels(prompt, spans[i], self.llama_tokenizer, keys) if spans and spans[i] else [-100] * len(keys)
             wrapped.append(emb[: self.max_context_len])
+            wrapped_labels.append(labels[: self.max_context_len])
         max_len = max(len(w) for w in wrapped)
         pad_id = torch.tensor(self.llama_tokenizer.pad_token_id, device=device)
         wrapped_embs = self.embed_tokens(pad_id).expand(len(wrapped), max_len, -1).clone()
         wrapped_atts = torch.zeros(len(wrapped), max_len, dtype=torch.long, device=device)
+        labels = torch.full((len(wrapped), max_len), -100, dtype=torch.long, device=device)
         for i, emb in enumerate(wrapped):
             wrapped_embs[i, : len(emb)] = emb
             wrapped_atts[i, : len(emb)] = 1
-        return wrapped_embs, wrapped_atts
+            labels[i, : len(emb)] = torch.tensor(wrapped_labels[i], dtype=torch.long)
+        return wrapped_embs, wrapped_atts, labels
 
-    def _instruction(self, samples: Mapping[str, Any]) -> str | list[str] | None:
+    def _instruction(self, samples: Mapping[str, Any]) -> tuple[str | list[str] | None, list[list[tuple[int, int]]] | None]:
+        """The prompts around the image, and per prompt the characters to train on in it (the
+        ``answer_spans`` of a conversation's earlier answers, moved past the prompt template's head)."""
+        spans = samples.get("answer_spans")
         if "instruction_input" in samples:
             instructions = samples["instruction_input"]
             if self.prompt_template:
-                return [self.prompt_template.format(text) for text in instructions]
-            return list(instructions)
+                if spans:
+                    head = self.prompt_template.format("\0").index("\0")
+                    spans = [[(start + head, end + head) for start, end in sample] for sample in spans]
+                return [self.prompt_template.format(text) for text in instructions], spans
+            return list(instructions), spans
+        if spans:
+            raise ValueError("samples carry answer_spans but no instruction_input for them to point into")
         if self.prompt_list:
-            return random.choice(self.prompt_list)  # one prompt for the whole batch, as the original
-        return None
+            return random.choice(self.prompt_list), None  # one prompt for the whole batch, as the original
+        return None, None
 
     # ---- answer, labels, loss ------------------------------------------------------------------
     def prepare_inputs(self, samples: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The ``inputs_embeds``, ``attention_mask`` and ``labels`` given to the LLM.
 
         Per sample: ``[bos] + wrapped input + answer tokens + the input's padding``; labels are
-        -100 everywhere but on the answer's (non-pad) tokens. ``samples["image_features"]``
+        -100 everywhere but on the answer's (non-pad) tokens, and on the tokens of
+        ``samples["answer_spans"]`` inside the instruction (a conversation's earlier answers), when
+        given. ``samples["image_features"]``
         (from ``vision_features``: precomputed, or the runner's ``run.feature_cache``), when
         present, stands in for ``samples["image"]``.
         """
@@ -366,7 +401,7 @@ class MiniGPT4(BaseModel):
             img_embeds, img_atts = self.project_features(samples["image_features"])
         else:
             img_embeds, img_atts = self.encode_img(samples["image"])
-        cond_embeds, cond_atts = self.prompt_wrap(img_embeds, img_atts, self._instruction(samples))
+        cond_embeds, cond_atts, cond_labels = self.prompt_wrap(img_embeds, img_atts, *self._instruction(samples))
 
         tokenizer = self.llama_tokenizer
         tokenizer.padding_side = "right"
@@ -397,6 +432,7 @@ class MiniGPT4(BaseModel):
         labels = torch.full(attention_mask.shape, -100, dtype=torch.long, device=attention_mask.device)
         start = prefix.shape[1]
         for i, target in enumerate(part_targets):
+            labels[i, start : start + input_lens[i]] = cond_labels[i, : input_lens[i]]
             labels[i, start + input_lens[i] : start + input_lens[i] + len(target)] = target
         return inputs_embeds, attention_mask, labels
 

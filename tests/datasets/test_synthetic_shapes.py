@@ -149,6 +149,34 @@ def test_a_training_conversation_renders_as_chat_renders_it():
         assert len(questions_and_answers) >= 3
 
 
+def test_every_answer_points_at_each_earlier_answer_of_the_conversation():
+    """With every_answer, ``answer_spans`` covers exactly the earlier answers inside
+    ``instruction_input`` (the questions and the template outside them), one per earlier turn;
+    the text itself is the text of a run without the option."""
+    kinds = ["describe", "count", "colour", "where", "exists"]
+    plain = SyntheticShapesDataset(lambda image: image, seed=3, prompt_kinds=kinds, turns=(1, 4), history_template=CHATML_TURN)
+    every = SyntheticShapesDataset(lambda image: image, seed=3, prompt_kinds=kinds, turns=(1, 4), history_template=CHATML_TURN, every_answer=True)
+    lengths = Counter()
+    for index in range(30):
+        item, same = every.load(index, seed=0), plain.load(index, seed=0)
+        assert "answer_spans" not in same
+        assert (item["instruction_input"], item["answer"]) == (same["instruction_input"], same["answer"])
+        prompt = item["instruction_input"]
+        answers = [chunk.split("<|im_end|>")[0] for chunk in prompt.split("<|im_start|>assistant\n")[1:]]
+        assert [prompt[start:end] for start, end in item["answer_spans"]] == answers
+        for (_, end), (start, _) in zip(item["answer_spans"], item["answer_spans"][1:]):
+            assert "<|im_start|>user\n" in prompt[end:start]  # a question between two answers
+        lengths[len(answers)] += 1
+    assert set(lengths) == {0, 1, 2, 3}  # single questions too, with no earlier answer
+
+
+def test_every_answer_needs_a_conversation():
+    with pytest.raises(ValueError, match=r"datasets\.synthetic_shapes\.every_answer: only conversations"):
+        SyntheticShapesDataset(lambda image: image, every_answer=True)
+    with pytest.raises(ValueError, match=r"datasets\.synthetic_shapes\.every_answer: only conversations"):
+        SyntheticShapesDataset(lambda image: image, turns=(1, 3), history_template=CHATML_TURN, instruction_template=None, every_answer=True)
+
+
 def test_conversations_need_a_history_template():
     with pytest.raises(ValueError, match=r"datasets\.synthetic_shapes\.history_template: conversations of more than one turn"):
         SyntheticShapesDataset(lambda image: image, turns=(1, 3))

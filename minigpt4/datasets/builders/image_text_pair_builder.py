@@ -85,6 +85,7 @@ class SyntheticShapesBuilder(BaseDatasetBuilder):
                 first_describe=float(info.get("first_describe", 0.5)),
                 restyle=float(info.get("restyle", 0.0)),
                 hard_questions=float(info.get("hard_questions", 0.0)),
+                every_answer=bool(info.get("every_answer", False)),
                 location=self.key("build_info"),
             )
         except ValueError as err:

@@ -358,7 +358,9 @@ class SyntheticShapesDataset:
     image slot); without it the model's prompt list supplies the instruction. Items also carry
     the targets of the vision stages: ``slots`` (per slot, left to right, which pair or none),
     ``places`` (per slot, which third of the image or none), ``kind_colours`` and ``kind_places``
-    (per shape kind, see :func:`scene_kinds`) and ``labels`` (18-way multi-hot).
+    (per shape kind, see :func:`scene_kinds`) and ``labels`` (18-way multi-hot). With
+    ``every_answer``, conversations also carry ``answer_spans``: the (start, end) characters of each
+    earlier answer inside ``instruction_input``, which the model trains on too.
     """
 
     def __init__(
@@ -376,6 +378,7 @@ class SyntheticShapesDataset:
         first_describe: float = 0.5,
         restyle: float = 0.0,
         hard_questions: float = 0.0,
+        every_answer: bool = False,
     ):
         unknown = set(prompt_kinds) - set(PROMPT_KINDS)
         if unknown or not prompt_kinds:
@@ -406,6 +409,11 @@ class SyntheticShapesDataset:
         if hard_questions and turns[1] == 1:
             raise ValueError(f"{location}.hard_questions: only conversations (turns above [1, 1]) draw their questions with it")
         self.hard_questions = hard_questions
+        if every_answer and (turns[1] == 1 or not instruction_template):
+            raise ValueError(
+                f"{location}.every_answer: only conversations (turns above [1, 1]) written into instruction_template have earlier answers"
+            )
+        self.every_answer = bool(every_answer)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -433,8 +441,9 @@ class SyntheticShapesDataset:
             scene, image, teacher_image = self.restyled_scene(index)
         else:
             scene, image = self.scene(index)
+        spans: list[tuple[int, int]] = []
         if self.turns[1] > 1:
-            question, answer = self.conversation_prompt(scene, index)
+            question, answer, spans = self.conversation_prompt(scene, index)
         else:
             qa = questions(scene)
             available = [k for k in self.prompt_kinds if k in qa]
@@ -454,19 +463,29 @@ class SyntheticShapesDataset:
             item["teacher_image"] = seeded_call(seed, self.vis_processor, teacher_image)
         if self.instruction_template:
             item["instruction_input"] = self.instruction_template.format(question)
+            if self.every_answer:
+                head = self.instruction_template.format("\0").index("\0")  # where the conversation starts in it
+                item["answer_spans"] = [(head + start, head + end) for start, end in spans]
         return item
 
-    def conversation_prompt(self, scene: Sequence[Shape], index: int) -> tuple[str, str]:
-        """A conversation of ``turns`` questions as (everything up to the last question, its answer).
+    def conversation_prompt(self, scene: Sequence[Shape], index: int) -> tuple[str, str, list[tuple[int, int]]]:
+        """A conversation of ``turns`` questions as (everything up to the last question, its
+        answer, the (start, end) characters of each earlier answer in the first).
 
         Earlier turns are written out with ``history_template``, exactly as the chat template
         renders them, so the model learns to answer a follow-up with the conversation before it
-        in view; the loss is on the last answer only (every other position is masked, as in
-        stage 2).
+        in view. The loss is on the last answer (every other position masked, as in stage 2), and
+        with ``every_answer`` on the earlier answers too (only the questions and the template
+        masked).
         """
         rng = random.Random(derive_seed(self.seed, "conversation", index))
         count = rng.randint(*self.turns)
         first = "describe" if rng.random() < self.first_describe else None
         *history, last = conversation(scene, rng, count, self.prompt_kinds, first, self.hard_questions)
-        written = "".join(self.history_template.format(question=t.question, answer=t.answer) for t in history)
-        return written + last.question, last.answer
+        written, spans = "", []
+        for turn in history:
+            before, after = self.history_template.split("{answer}", 1)
+            before = before.format(question=turn.question)
+            spans.append((len(written) + len(before), len(written) + len(before) + len(turn.answer)))
+            written += before + turn.answer + after.format(question=turn.question)
+        return written + last.question, last.answer, spans
