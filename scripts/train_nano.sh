@@ -5,10 +5,11 @@
 # stage 0b (the vision side learns other drawings from its frozen self), stage 0c (and where the
 # shapes are), 2g (the conversations again, reading the places), stage 0d (each shape in one query
 # token), 2i and 2k (the conversations reading those tokens), stage 0e (each shape kind in one
-# query token), 2n (the conversations reading them, with hard questions) and 2p (more of 2n, more
-# of it about places and "is there"), then the shipped weights file and its score on 200 held-out
-# scenes. Each stage resumes from its newest checkpoint and a finished stage is skipped, so the
-# script can be stopped and started again at any point.
+# query token), 2n (the conversations reading them, with hard questions), 2p (more of 2n, more
+# of it about places and "is there") and 2s (2p's mix, the loss on every answer), then the
+# shipped weights file and its score on 200 held-out scenes. Each stage resumes from its newest
+# checkpoint and a finished stage is skipped, so the script can be stopped and started again at
+# any point.
 #
 #   bash scripts/train_nano.sh                 # CPU: many hours on 2 cores
 #   DEVICE=cuda bash scripts/train_nano.sh     # one GPU: minutes (bf16 autocast, 8 loader workers)
@@ -44,6 +45,7 @@ AFTER_2K="$OUT/minigpt4_nano_after_2k.pth"
 S0E="$OUT/minigpt4_nano_stage0e/run/checkpoint_0.pth"
 S2N="$OUT/minigpt4_nano_stage2n/run/checkpoint_0.pth"
 S2P="$OUT/minigpt4_nano_stage2p/run/checkpoint_0.pth"
+S2S="$OUT/minigpt4_nano_stage2s/run/checkpoint_0.pth"
 
 train() {  # config, output dir, extra options...
     "$PYTHON" train.py --cfg-path "$1" --resume auto --options "${opts[@]}" "run.output_dir=$2" "${@:3}" "${extra[@]}"
@@ -103,6 +105,14 @@ export_weights() {  # output file, checkpoints (the later win)
     "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists,exists,exists]" \
     run.init_lr=1e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=450
 
-export_weights "$OUT/minigpt4_nano.pth" "[$S0,$S2K,$S0E,$S2P]"
+# 2p's mix in chats of 1-4 turns, trained on every answer of a chat (not only the last).
+[[ -f "$S2S" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2s" "model.ckpt=[$S0,$S2K,$S0E,$S2P]" \
+    datasets.synthetic_shapes.build_info.seed=97 "datasets.synthetic_shapes.build_info.turns=[1,4]" \
+    datasets.synthetic_shapes.build_info.first_describe=0.4 datasets.synthetic_shapes.build_info.hard_questions=0.3 \
+    datasets.synthetic_shapes.build_info.every_answer=True \
+    "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists,exists,exists]" \
+    run.init_lr=8e-5 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=500
+
+export_weights "$OUT/minigpt4_nano.pth" "[$S0,$S2K,$S0E,$S2S]"
 "$PYTHON" -m minigpt4.apps.eval_shapes -n "${EVAL_N:-200}" --options "model.ckpt=$(realpath "$OUT/minigpt4_nano.pth")" "${extra[@]}" | tee "$OUT/eval.json"
 echo "weights: $OUT/minigpt4_nano.pth (copy to minigpt4/weights/ to ship them)"

@@ -79,13 +79,15 @@ def embed_prompt(
 def span_labels(prompt: str, spans: Sequence[tuple[int, int]], tokenizer: Any, keys: Sequence[Hashable]) -> list[int]:
     """Per position of ``embed_prompt(prompt, ...)``'s output (``keys``): the token id where the
     token's characters lie inside one of ``spans`` ((start, end) characters of ``prompt``: the
-    earlier answers of a conversation, trained on too), else -100."""
-    if not tokenizer.is_fast:
-        raise ValueError(f"training on answers inside the prompt needs a fast tokenizer (character offsets); {type(tokenizer).__name__} is not")
+    earlier answers of a conversation, trained on too), else -100. A token's leading whitespace
+    (LLaMA's ``▁word`` after "Assistant: ") may lie before the span."""
     inside, start = [], 0
     for segment in prompt.split(IMAGE_PLACEHOLDER):
         for a, b in tokenizer(segment, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]:
-            inside.append(any(s <= start + a and start + b <= e for s, e in spans))
+            piece = segment[a:b]
+            word = a + len(piece) - len(piece.lstrip())  # where the token's text proper begins
+            a, b, word = a + start, b + start, word + start
+            inside.append(any(s <= a and b <= e or s <= word < b <= e for s, e in spans))
         start += len(segment) + len(IMAGE_PLACEHOLDER)
     text = iter(inside)
     return [key if isinstance(key, int) and next(text) else -100 for key in keys]

@@ -53,3 +53,24 @@ def test_loss_backpropagates_only_into_llama_proj(tiny_models, ref_tensors, ref_
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == {"llama_proj.weight", "llama_proj.bias"}
     model.zero_grad(set_to_none=True)
+
+
+
+def test_answers_inside_the_prompt_are_labelled_with_llama_tokens(tiny_models, ref_tensors):
+    """``answer_spans`` (a conversation's earlier answers, see synthetic_shapes.every_answer) on
+    the reference's LLaMA tokenizer, whose word tokens carry the space before them: the labelled
+    tokens are the earlier answer and the last answer, nothing of the template around them."""
+    import pytest
+
+    model = tiny_models["vicuna0"]
+    tok = model.llama_tokenizer
+    prompts = ["<Img><ImageHere></Img> first question###Assistant: a red circle###Human: next", "<Img><ImageHere></Img> no history"]
+    at = prompts[0].index("a red circle")
+    samples = {"image": ref_tensors["images"], "answer": ["the last", "b"], "instruction_input": prompts, "answer_spans": [[(at, at + 12)], []]}
+    with torch.no_grad():
+        _, mask, labels = model.prepare_inputs(samples)
+    # "▁a" spans " a": its space lies before the answer, the token is the answer's
+    assert [tok.decode(row[row != -100].tolist()) for row in labels] == ["a red circle the last" + model.end_sym, "b" + model.end_sym]
+    del samples["instruction_input"]
+    with torch.no_grad(), pytest.raises(ValueError, match="answer_spans but no instruction_input"):
+        model.prepare_inputs(samples)
