@@ -11,6 +11,11 @@ from minigpt4.common.utils import get_abs_path
 IMAGE_PLACEHOLDER = "<ImageHere>"
 
 
+def template_head(template: str) -> int:
+    """Where the text formatted into ``template`` (at its ``{}``) starts: the characters before it."""
+    return template.format("\0").index("\0")
+
+
 def load_prompt_list(prompt_path: str | None, prompt_template: str = "", key: str = "model.prompt_path") -> list[str]:
     """The instruction prompts: lines of ``prompt_path`` holding ``<ImageHere>``, templated."""
     if not prompt_path:

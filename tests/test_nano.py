@@ -78,7 +78,8 @@ def test_every_answer_trains_on_each_answer_of_a_conversation_and_nothing_else(n
                 if label != -100:
                     run.append(label)
                 elif run:
-                    runs.append(tok.decode(run)), run.clear()
+                    runs.append(tok.decode(run))
+                    run.clear()
             assert runs == (wanted if every else wanted[-1:])
         assert (earlier_answers > 5) == every
 

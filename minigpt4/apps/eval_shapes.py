@@ -126,9 +126,10 @@ def places_right(reply: str, place: str) -> bool:
 
 
 def says_yes_no(reply: str, yes: bool) -> bool:
-    """The reply starts with the right "yes" / "no"."""
-    words = _words(reply)
-    return bool(words) and words[0] == ("yes" if yes else "no")
+    """The reply's verdict, the last "yes" or "no" in it, is the right one: "no, there is no red
+    square." and "the square is blue, so no." both say no."""
+    verdicts = [w for w in _words(reply) if w in ("yes", "no")]
+    return bool(verdicts) and verdicts[-1] == ("yes" if yes else "no")
 
 
 def score_turn(turn: Turn, scene: Sequence[Shape], reply: str) -> bool:
@@ -142,7 +143,7 @@ def score_turn(turn: Turn, scene: Sequence[Shape], reply: str) -> bool:
     if turn.kind == "where":
         return places_right(reply, turn.focus.place)
     if turn.kind == "exists":
-        return says_yes_no(reply, turn.answer.startswith("yes"))
+        return says_yes_no(reply, says_yes_no(turn.answer, True))
     raise ValueError(f"no scoring rule for question kind '{turn.kind}'; choose from {', '.join(SCORED_AS)}")
 
 

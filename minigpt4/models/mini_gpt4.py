@@ -23,7 +23,7 @@ from minigpt4.common.utils import get_abs_path, load_state_dict_file, resolve_fi
 from minigpt4.models.base_model import BaseModel
 from minigpt4.models.eva_vit import VIT_PRECISIONS, build_eva_vit, convert_weights, eva_vit_key_map
 from minigpt4.models.qformer import build_qformer, qformer_key, qformer_key_map
-from minigpt4.prompts import IMAGE_PLACEHOLDER, load_prompt_list
+from minigpt4.prompts import IMAGE_PLACEHOLDER, load_prompt_list, template_head
 
 logger = logging.getLogger(__name__)
 
@@ -356,9 +356,9 @@ class MiniGPT4(BaseModel):
             images = [img] * prompt.count(IMAGE_PLACEHOLDER)
             dtype = torch.promote_types(embed.weight.dtype, img.dtype)
             emb, keys = embed_prompt(prompt, images, self.llama_tokenizer, embed, dtype=dtype)
-            labels = span_labels(prompt, spans[i], self.llama_tokenizer, keys) if spans and spans[i] else [-100] * len(keys)
             wrapped.append(emb[: self.max_context_len])
-            wrapped_labels.append(labels[: self.max_context_len])
+            # None: nothing in this prompt to train on (every label -100)
+            wrapped_labels.append(span_labels(prompt, spans[i], self.llama_tokenizer, keys)[: self.max_context_len] if spans and spans[i] else None)
         max_len = max(len(w) for w in wrapped)
         pad_id = torch.tensor(self.llama_tokenizer.pad_token_id, device=device)
         wrapped_embs = self.embed_tokens(pad_id).expand(len(wrapped), max_len, -1).clone()
@@ -367,7 +367,8 @@ class MiniGPT4(BaseModel):
         for i, emb in enumerate(wrapped):
             wrapped_embs[i, : len(emb)] = emb
             wrapped_atts[i, : len(emb)] = 1
-            labels[i, : len(emb)] = torch.tensor(wrapped_labels[i], dtype=torch.long)
+            if wrapped_labels[i] is not None:
+                labels[i, : len(emb)] = torch.tensor(wrapped_labels[i], dtype=torch.long)
         return wrapped_embs, wrapped_atts, labels
 
     def _instruction(self, samples: Mapping[str, Any]) -> tuple[str | list[str] | None, list[list[tuple[int, int]]] | None]:
@@ -378,7 +379,7 @@ class MiniGPT4(BaseModel):
             instructions = samples["instruction_input"]
             if self.prompt_template:
                 if spans:
-                    head = self.prompt_template.format("\0").index("\0")
+                    head = template_head(self.prompt_template)
                     spans = [[(start + head, end + head) for start, end in sample] for sample in spans]
                 return [self.prompt_template.format(text) for text in instructions], spans
             return list(instructions), spans

@@ -65,18 +65,24 @@ def test_position_needs_exactly_the_right_place():
     assert not places_right("the red circle is on the leftmost side.", "on the left")
 
 
-def test_yes_no_needs_the_right_first_word():
+def test_yes_no_is_read_from_the_last_verdict():
     assert says_yes_no("Yes, there is a red circle.", True)
     assert not says_yes_no("no, there is no red circle.", True)  # the circle is there
     assert says_yes_no("no, there is no red square.", False)
+    assert says_yes_no("the square is blue, so no.", False)
+    assert says_yes_no("there is no square, so no.", False)
+    assert not says_yes_no("there is no square, so yes.", False)
+    assert says_yes_no("the circles are red and green, so yes.", True)
     assert not says_yes_no("nothing like that, but yes.", False)
+    assert not says_yes_no("the square is blue.", False)  # no verdict at all
     assert not says_yes_no("", True)
 
 
+@pytest.mark.parametrize("reasoned", [False, True])
 @pytest.mark.parametrize("kind", PROMPT_KINDS)
-def test_the_dataset_answer_of_every_kind_scores_right_and_another_one_wrong(kind):
+def test_the_dataset_answer_of_every_kind_scores_right_and_another_one_wrong(kind, reasoned):
     rng = random.Random(3)
-    turns = [t for t in (ask(SCENE, kind, rng) for _ in range(20)) if t is not None]
+    turns = [t for t in (ask(SCENE, kind, rng, reasoned=reasoned) for _ in range(20)) if t is not None]
     assert turns
     for turn in turns:
         assert score_turn(turn, SCENE, turn.answer), turn
@@ -85,7 +91,7 @@ def test_the_dataset_answer_of_every_kind_scores_right_and_another_one_wrong(kin
             "count": "there are two shapes.",
             "colour": "it is purple.",
             "where": "it is on the right." if turn.focus and turn.focus.place != "on the right" else "it is on the left.",
-            "exists": "no." if turn.answer.startswith("yes") else "yes.",
+            "exists": "no." if says_yes_no(turn.answer, True) else "yes.",
         }[kind]
         assert not score_turn(turn, SCENE, wrong), turn
 

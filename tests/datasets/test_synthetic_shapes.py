@@ -217,6 +217,43 @@ def test_hard_questions_ask_what_the_text_and_the_order_cannot_answer():
     assert digest.hexdigest()[:16] == "b7ea88f0c01de0e5"
 
 
+def test_reasoned_exists_says_the_colours_of_the_kind_then_the_same_verdict():
+    """reasoned_exists asks the same questions and gives each "is there" the verdict of the plain
+    answer, after the colours (left to right, each once) of the shapes of the kind asked about."""
+    from minigpt4.datasets.datasets.synthetic_shapes import ask, kind_colours
+
+    assert kind_colours([], "circle") == "there is no circle"
+    seen = Counter()
+    for index in range(300):
+        scene = make_scene(random.Random(index))
+        for draw in range(4):
+            plain = ask(scene, "exists", random.Random(1000 * index + draw), hard=0.5)
+            turn = ask(scene, "exists", random.Random(1000 * index + draw), hard=0.5, reasoned=True)
+            assert (turn.question, turn.focus) == (plain.question, plain.focus)
+            shape = turn.question.rstrip("?").split()[-1]
+            colours = list(dict.fromkeys(s.colour for s in scene if s.shape == shape))
+            reason, verdict = turn.answer.rstrip(".").rsplit(", so ", 1)
+            assert verdict == plain.answer.split(",")[0], (scene, turn, plain)
+            if not colours:
+                assert reason == f"there is no {shape}"
+            elif len(colours) == 1 and sum(s.shape == shape for s in scene) == 1:
+                assert reason == f"the {shape} is {colours[0]}"
+            else:
+                listed = reason.removeprefix(f"the {shape}s are ").replace(" and ", ", ").split(", ")
+                assert listed == colours, (scene, turn)
+            seen[(verdict, len(colours) > 1, bool(colours))] += 1
+    assert {key for key, count in seen.items() if count >= 5} == {
+        ("yes", False, True), ("yes", True, True), ("no", False, True), ("no", True, True), ("no", False, False)
+    }
+    kinds = ["describe", "count", "colour", "where", "exists"]
+    chats = SyntheticShapesDataset(lambda image: image, seed=3, prompt_kinds=kinds, turns=(2, 4), history_template=CHATML_TURN, reasoned_exists=True)
+    assert any(", so no." in chats.load(index, seed=0)["instruction_input"] for index in range(20))
+    with pytest.raises(ValueError, match=r"datasets\.synthetic_shapes\.reasoned_exists: only conversations"):
+        SyntheticShapesDataset(lambda image: image, reasoned_exists=True)
+    with pytest.raises(ValueError, match=r"datasets\.synthetic_shapes\.reasoned_exists: only conversations"):
+        SyntheticShapesDataset(lambda image: image, turns=(1, 3), history_template=CHATML_TURN, prompt_kinds=["count"], reasoned_exists=True)
+
+
 def test_hard_questions_are_checked():
     with pytest.raises(ValueError, match=r"datasets\.synthetic_shapes\.hard_questions: a probability in \[0, 1\], got 1\.5"):
         SyntheticShapesDataset(lambda image: image, turns=(1, 3), history_template=CHATML_TURN, hard_questions=1.5)

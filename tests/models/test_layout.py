@@ -68,7 +68,7 @@ def test_answers_inside_the_prompt_are_labelled_with_llama_tokens(tiny_models, r
     at = prompts[0].index("a red circle")
     samples = {"image": ref_tensors["images"], "answer": ["the last", "b"], "instruction_input": prompts, "answer_spans": [[(at, at + 12)], []]}
     with torch.no_grad():
-        _, mask, labels = model.prepare_inputs(samples)
+        _, _, labels = model.prepare_inputs(samples)
     # "▁a" spans " a": its space lies before the answer, the token is the answer's
     assert [tok.decode(row[row != -100].tolist()) for row in labels] == ["a red circle the last" + model.end_sym, "b" + model.end_sym]
     del samples["instruction_input"]

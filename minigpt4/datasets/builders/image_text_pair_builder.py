@@ -86,6 +86,7 @@ class SyntheticShapesBuilder(BaseDatasetBuilder):
                 restyle=float(info.get("restyle", 0.0)),
                 hard_questions=float(info.get("hard_questions", 0.0)),
                 every_answer=bool(info.get("every_answer", False)),
+                reasoned_exists=bool(info.get("reasoned_exists", False)),
                 location=self.key("build_info"),
             )
         except ValueError as err:

@@ -13,7 +13,8 @@ comes with answers in plain English for four kinds of prompt:
   middle / on the right, by thirds of the image)
 
 - ``exists``: "is there a green triangle?" -> "no, there is no green triangle." (or "yes, there
-  is a green triangle."; half the questions name a pair that is not there)
+  is a green triangle."; half the questions name a pair that is not there). Reasoned, the answer
+  first says what the scene has of that kind, then the verdict: "the triangle is blue, so no."
 
 :func:`conversation` chains 1–4 such turns about one scene, and a follow-up may refer back to
 the shape the previous turn was about ("where is it?"). Another seed gives held-out scenes.
@@ -35,6 +36,7 @@ from typing import Any, Callable, Sequence
 from PIL import Image, ImageDraw
 
 from minigpt4.datasets.data_utils import derive_seed, seeded_call
+from minigpt4.prompts import template_head
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -217,14 +219,30 @@ def order_third(index: int, count: int) -> int:
     return 1 if count == 1 else round(2 * index / (count - 1))
 
 
-def ask(scene: Sequence[Shape], kind: str, rng: random.Random, focus: Shape | None = None, hard: float = 0.0) -> Turn | None:
+def kind_colours(scene: Sequence[Shape], shape: str) -> str:
+    """What ``scene`` has of one shape kind, in words: "the triangle is blue", "the circles are red
+    and green" (left to right, each colour once), "there is no square"."""
+    colours = list(dict.fromkeys(s.colour for s in scene if s.shape == shape))
+    if not colours:
+        return f"there is no {shape}"
+    if sum(s.shape == shape for s in scene) == 1:
+        return f"the {shape} is {colours[0]}"
+    listed = colours[0] if len(colours) == 1 else f"{', '.join(colours[:-1])} and {colours[-1]}"
+    return f"the {shape}s are {listed}"
+
+
+def ask(
+    scene: Sequence[Shape], kind: str, rng: random.Random, focus: Shape | None = None, hard: float = 0.0, reasoned: bool = False
+) -> Turn | None:
     """A question of ``kind`` with a well-defined answer for ``scene``, or None where there is none.
 
     With ``focus`` (a shape the conversation just talked about) ``colour`` and ``where`` refer to it
     as "it". With probability ``hard`` a question is one that the text or the shapes' order cannot
     answer: "where" asks about a shape whose place its rank from left to right does not give away,
     and a "no" to "is there" names the colour of one shape in the kind of another. At 0 no random
-    number is drawn for it, so the questions are those of a run without it.
+    number is drawn for it, so the questions are those of a run without it. ``reasoned`` words the
+    answer to "is there" as what the scene has of that kind, then the verdict ("the triangle is
+    blue, so no."): the same questions, so the verdict is read off the colours just written.
     """
     n = len(scene)
     if kind == "describe":
@@ -256,24 +274,33 @@ def ask(scene: Sequence[Shape], kind: str, rng: random.Random, focus: Shape | No
             s = rng.choice(scene)
             name = s.name
             focus = s if [o.name for o in scene].count(name) == 1 else None
-            return Turn(kind, QUESTIONS["exists"].format(a_name=_a(name)), f"yes, there is {_a(name)}.", focus)
+            answer = f"{kind_colours(scene, s.shape)}, so yes." if reasoned else f"yes, there is {_a(name)}."
+            return Turn(kind, QUESTIONS["exists"].format(a_name=_a(name)), answer, focus)
         # mostly near misses: the colour of a shape that is there, or a shape in a colour that is there
         s = rng.choice(scene)
         near = [(c, s.shape) for c in COLOURS] + [(s.colour, k) for k in SHAPES]
         if hard and rng.random() < hard:
             near = [(a.colour, b.shape) for a in scene for b in scene if (a.colour, b.shape) not in present] or near
         absent = [p for p in near if p not in present] or [p for p in PAIRS if p not in present]
-        name = " ".join(rng.choice(absent))
-        return Turn(kind, QUESTIONS["exists"].format(a_name=_a(name)), f"no, there is no {name}.")
+        colour, shape = rng.choice(absent)
+        name = f"{colour} {shape}"
+        answer = f"{kind_colours(scene, shape)}, so no." if reasoned else f"no, there is no {name}."
+        return Turn(kind, QUESTIONS["exists"].format(a_name=_a(name)), answer)
     raise ValueError(f"unknown question kind '{kind}'; choose from {', '.join(PROMPT_KINDS)}")
 
 
 def conversation(
-    scene: Sequence[Shape], rng: random.Random, turns: int, kinds: Sequence[str] = PROMPT_KINDS, first: str | None = None, hard: float = 0.0
+    scene: Sequence[Shape],
+    rng: random.Random,
+    turns: int,
+    kinds: Sequence[str] = PROMPT_KINDS,
+    first: str | None = None,
+    hard: float = 0.0,
+    reasoned: bool = False,
 ) -> list[Turn]:
     """``turns`` questions about one scene, as a user would chat: no question twice, and after a
     turn about one shape a follow-up may ask about "it" (``refers_back``). ``first`` fixes the
-    kind of the first turn; ``hard`` is :func:`ask`'s."""
+    kind of the first turn; ``hard`` and ``reasoned`` are :func:`ask`'s."""
     asked: list[Turn] = []
     for _ in range(20 * turns):
         if len(asked) == turns:
@@ -282,7 +309,7 @@ def conversation(
         if kind == "describe" and any(t.kind == "describe" for t in asked):
             continue
         focus = asked[-1].focus if asked and rng.random() < 0.5 else None
-        turn = ask(scene, kind, rng, focus, hard)
+        turn = ask(scene, kind, rng, focus, hard, reasoned)
         if turn is None or any(t.question == turn.question and t.answer == turn.answer for t in asked):
             continue
         asked.append(turn)
@@ -360,7 +387,9 @@ class SyntheticShapesDataset:
     ``places`` (per slot, which third of the image or none), ``kind_colours`` and ``kind_places``
     (per shape kind, see :func:`scene_kinds`) and ``labels`` (18-way multi-hot). With
     ``every_answer``, conversations also carry ``answer_spans``: the (start, end) characters of each
-    earlier answer inside ``instruction_input``, which the model trains on too.
+    earlier answer inside ``instruction_input``, which the model trains on too. With
+    ``reasoned_exists``, a conversation's "is there" answers say the colours of that kind before
+    the verdict (:func:`ask`).
     """
 
     def __init__(
@@ -379,6 +408,7 @@ class SyntheticShapesDataset:
         restyle: float = 0.0,
         hard_questions: float = 0.0,
         every_answer: bool = False,
+        reasoned_exists: bool = False,
     ):
         unknown = set(prompt_kinds) - set(PROMPT_KINDS)
         if unknown or not prompt_kinds:
@@ -414,6 +444,9 @@ class SyntheticShapesDataset:
                 f"{location}.every_answer: only conversations (turns above [1, 1]) written into instruction_template have earlier answers"
             )
         self.every_answer = bool(every_answer)
+        if reasoned_exists and (turns[1] == 1 or "exists" not in self.prompt_kinds):
+            raise ValueError(f"{location}.reasoned_exists: only conversations (turns above [1, 1]) that ask \"is there\" (prompt_kinds) use it")
+        self.reasoned_exists = bool(reasoned_exists)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -464,7 +497,7 @@ class SyntheticShapesDataset:
         if self.instruction_template:
             item["instruction_input"] = self.instruction_template.format(question)
             if self.every_answer:
-                head = self.instruction_template.format("\0").index("\0")  # where the conversation starts in it
+                head = template_head(self.instruction_template)  # where the conversation starts in it
                 item["answer_spans"] = [(head + start, head + end) for start, end in spans]
         return item
 
@@ -481,11 +514,11 @@ class SyntheticShapesDataset:
         rng = random.Random(derive_seed(self.seed, "conversation", index))
         count = rng.randint(*self.turns)
         first = "describe" if rng.random() < self.first_describe else None
-        *history, last = conversation(scene, rng, count, self.prompt_kinds, first, self.hard_questions)
+        *history, last = conversation(scene, rng, count, self.prompt_kinds, first, self.hard_questions, self.reasoned_exists)
         written, spans = "", []
+        head, tail = self.history_template.split("{answer}", 1)
         for turn in history:
-            before, after = self.history_template.split("{answer}", 1)
-            before = before.format(question=turn.question)
+            before = head.format(question=turn.question)
             spans.append((len(written) + len(before), len(written) + len(before) + len(turn.answer)))
-            written += before + turn.answer + after.format(question=turn.question)
+            written += before + turn.answer + tail.format(question=turn.question)
         return written + last.question, last.answer, spans
