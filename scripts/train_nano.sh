@@ -6,8 +6,9 @@
 # shapes are), 2g (the conversations again, reading the places), stage 0d (each shape in one query
 # token), 2i and 2k (the conversations reading those tokens), stage 0e (each shape kind in one
 # query token), 2n (the conversations reading them, with hard questions), 2p (more of 2n, more
-# of it about places and "is there") and 2s (2p's mix, the loss on every answer), then the
-# shipped weights file and its score on 200 held-out scenes. Each stage resumes from its newest
+# of it about places and "is there"), 2s (2p's mix, the loss on every answer), 2v (2s's stage
+# with LoRA on the MLPs too), 2w and 2x (more of 2v), then the shipped weights file (fp16) and
+# its score on 200 held-out scenes. Each stage resumes from its newest
 # checkpoint and a finished stage is skipped, so the script can be stopped and started again at
 # any point.
 #
@@ -46,10 +47,16 @@ S0E="$OUT/minigpt4_nano_stage0e/run/checkpoint_0.pth"
 S2N="$OUT/minigpt4_nano_stage2n/run/checkpoint_0.pth"
 S2P="$OUT/minigpt4_nano_stage2p/run/checkpoint_0.pth"
 S2S="$OUT/minigpt4_nano_stage2s/run/checkpoint_0.pth"
+S2V="$OUT/minigpt4_nano_stage2v/run/checkpoint_0.pth"
+S2W="$OUT/minigpt4_nano_stage2w/run/checkpoint_0.pth"
+S2X="$OUT/minigpt4_nano_stage2x/run/checkpoint_0.pth"
 
 train() {  # config, output dir, extra options...
     "$PYTHON" train.py --cfg-path "$1" --resume auto --options "${opts[@]}" "run.output_dir=$2" "${@:3}" "${extra[@]}"
 }
+# The LLM's LoRA: the model config puts it on the attention and the MLPs, as shipped; the stages
+# before 2v trained it on the attention alone.
+attention_lora="model.lora_target_modules=[q_proj,k_proj,v_proj,o_proj]"
 [[ -f "$S0" ]] || train train_configs/minigpt4_nano_stage0.yaml "$OUT/minigpt4_nano_stage0"
 [[ -f "$S1" ]] || train train_configs/minigpt4_nano_stage1.yaml "$OUT/minigpt4_nano_stage1" "model.ckpt=$S0"
 [[ -f "$S2" ]] || train train_configs/minigpt4_nano_stage2.yaml "$OUT/minigpt4_nano_stage2" "model.ckpt=[$S0,$S1]"
@@ -62,7 +69,7 @@ train() {  # config, output dir, extra options...
     "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,describe,describe,describe,count,colour,where]" \
     run.init_lr=5e-5 run.min_lr=5e-6 run.warmup_steps=10 run.max_epoch=1 run.iters_per_epoch=800
 # Conversations: follow-up questions with the earlier turns in view; LoRA joins llama_proj.
-[[ -f "$S2F" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2f" "model.ckpt=[$S0,$S2E]"
+[[ -f "$S2F" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2f" "model.ckpt=[$S0,$S2E]" "$attention_lora"
 # Other shades, sizes and anti-aliasing: a student of stage 0's vision side, its frozen self the teacher.
 [[ -f "$S0B" ]] || train train_configs/minigpt4_nano_stage0b.yaml "$OUT/minigpt4_nano_stage0b" "model.ckpt=$S0"
 # Where the shapes are (which third): a place head on the student, the MSE keeping the rest.
@@ -72,47 +79,62 @@ train() {  # config, output dir, extra options...
 chat_mix=("datasets.synthetic_shapes.build_info.turns=[1,3]"
     "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists]"
     run.init_lr=1.5e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=600)
-[[ -f "$S2G" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2g" "model.ckpt=[$S0,$S2F,$S0C]" \
+[[ -f "$S2G" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2g" "model.ckpt=[$S0,$S2F,$S0C]" "$attention_lora" \
     datasets.synthetic_shapes.build_info.seed=31 "${chat_mix[@]}"
 # Each shape in one query token (slot i's shape and place from token i alone), the MSE keeping the rest.
 [[ -f "$S0D" ]] || train train_configs/minigpt4_nano_stage0d.yaml "$OUT/minigpt4_nano_stage0d" "model.ckpt=[$S0,$S0C]"
 # 2g's mix once more, reading 0d's tokens.
-[[ -f "$S2I" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2i" "model.ckpt=[$S0,$S2G,$S0D]" \
+[[ -f "$S2I" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2i" "model.ckpt=[$S0,$S2G,$S0D]" "$attention_lora" \
     datasets.synthetic_shapes.build_info.seed=43 "${chat_mix[@]}"
 # Shorter chats, fewer of them opening with "describe": more questions answered from the picture alone.
-[[ -f "$S2K" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2k" "model.ckpt=[$S0,$S0D,$S2I]" \
+[[ -f "$S2K" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2k" "model.ckpt=[$S0,$S0D,$S2I]" "$attention_lora" \
     datasets.synthetic_shapes.build_info.seed=53 "datasets.synthetic_shapes.build_info.turns=[1,2]" datasets.synthetic_shapes.build_info.first_describe=0.3 \
     "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,colour,where,where,where,exists,exists]" \
     run.init_lr=1.5e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=400
 
-export_weights() {  # output file, checkpoints (the later win)
-    "$PYTHON" -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2_chat.yaml --out "$1" --options "model.ckpt=$2" "${extra[@]}"
+export_weights() {  # output file, checkpoints (the later win), more options...
+    "$PYTHON" -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2_chat.yaml --out "$1" --options "model.ckpt=$2" "${@:3}" "${extra[@]}"
 }
 # Each shape kind in one query token (the colour and place of the circle, the square, the triangle),
 # from the weights file after 2k (so 0d's vision side, with fresh heads), the MSE keeping the rest.
-[[ -f "$AFTER_2K" || -f "$S0E" ]] || export_weights "$AFTER_2K" "[$S0,$S0D,$S2K]"
+[[ -f "$AFTER_2K" || -f "$S0E" ]] || export_weights "$AFTER_2K" "[$S0,$S0D,$S2K]" "$attention_lora"
 [[ -f "$S0E" ]] || train train_configs/minigpt4_nano_stage0e.yaml "$OUT/minigpt4_nano_stage0e" "model.ckpt=$AFTER_2K"
 # The conversations reading 0e's tokens: half the "where" and "no" questions ones the text cannot answer.
-[[ -f "$S2N" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2n" "model.ckpt=[$S0,$S2K,$S0E]" \
+[[ -f "$S2N" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2n" "model.ckpt=[$S0,$S2K,$S0E]" "$attention_lora" \
     datasets.synthetic_shapes.build_info.seed=71 "datasets.synthetic_shapes.build_info.turns=[1,3]" \
     datasets.synthetic_shapes.build_info.first_describe=0.4 datasets.synthetic_shapes.build_info.hard_questions=0.5 \
     "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,colour,where,where,where,exists,exists]" \
     run.init_lr=1.5e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=700
 # 2n's chats longer, with more "where" and "is there" and fewer hard questions.
-[[ -f "$S2P" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2p" "model.ckpt=[$S0,$S2K,$S0E,$S2N]" \
+[[ -f "$S2P" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2p" "model.ckpt=[$S0,$S2K,$S0E,$S2N]" "$attention_lora" \
     datasets.synthetic_shapes.build_info.seed=79 "datasets.synthetic_shapes.build_info.turns=[1,3]" \
     datasets.synthetic_shapes.build_info.first_describe=0.4 datasets.synthetic_shapes.build_info.hard_questions=0.3 \
     "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists,exists,exists]" \
     run.init_lr=1e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=450
 
 # 2p's mix in chats of 1-4 turns, trained on every answer of a chat (not only the last).
-[[ -f "$S2S" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2s" "model.ckpt=[$S0,$S2K,$S0E,$S2P]" \
-    datasets.synthetic_shapes.build_info.seed=97 "datasets.synthetic_shapes.build_info.turns=[1,4]" \
-    datasets.synthetic_shapes.build_info.first_describe=0.4 datasets.synthetic_shapes.build_info.hard_questions=0.3 \
-    datasets.synthetic_shapes.build_info.every_answer=True \
-    "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists,exists,exists]" \
+every_answer_mix=("datasets.synthetic_shapes.build_info.turns=[1,4]"
+    datasets.synthetic_shapes.build_info.first_describe=0.4 datasets.synthetic_shapes.build_info.hard_questions=0.3
+    datasets.synthetic_shapes.build_info.every_answer=True
+    "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists,exists,exists]")
+[[ -f "$S2S" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2s" "model.ckpt=[$S0,$S2K,$S0E,$S2P]" "$attention_lora" \
+    datasets.synthetic_shapes.build_info.seed=97 "${every_answer_mix[@]}" \
     run.init_lr=8e-5 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=500
 
-export_weights "$OUT/minigpt4_nano.pth" "[$S0,$S2K,$S0E,$S2S]"
+# 2s's stage again with LoRA on the MLPs as well (new adapters, B at zero, from 2s's weights).
+[[ -f "$S2V" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2v" "model.ckpt=[$S0,$S2K,$S0E,$S2S]" \
+    datasets.synthetic_shapes.build_info.seed=107 "${every_answer_mix[@]}" \
+    run.init_lr=1e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=400
+# More of 2v, twice, at lower rates.
+[[ -f "$S2W" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2w" "model.ckpt=[$S0,$S2K,$S0E,$S2V]" \
+    datasets.synthetic_shapes.build_info.seed=109 "${every_answer_mix[@]}" \
+    run.init_lr=6e-5 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=280
+[[ -f "$S2X" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2x" "model.ckpt=[$S0,$S2K,$S0E,$S2W]" \
+    datasets.synthetic_shapes.build_info.seed=113 "${every_answer_mix[@]}" \
+    run.init_lr=5e-5 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=300
+
+# fp16: with the MLP adapters the file is 15.7 MB in fp32, 7.9 MB in fp16
+"$PYTHON" -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2_chat.yaml --out "$OUT/minigpt4_nano.pth" --dtype float16 \
+    --options "model.ckpt=[$S0,$S2K,$S0E,$S2X]" "${extra[@]}"
 "$PYTHON" -m minigpt4.apps.eval_shapes -n "${EVAL_N:-200}" --options "model.ckpt=$(realpath "$OUT/minigpt4_nano.pth")" "${extra[@]}" | tee "$OUT/eval.json"
 echo "weights: $OUT/minigpt4_nano.pth (copy to minigpt4/weights/ to ship them)"

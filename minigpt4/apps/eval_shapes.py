@@ -125,11 +125,16 @@ def places_right(reply: str, place: str) -> bool:
     return {p for p in PLACES if re.search(rf"\b{p}\b", text)} == {place}
 
 
-def says_yes_no(reply: str, yes: bool) -> bool:
-    """The reply's verdict, the last "yes" or "no" in it, is the right one: "no, there is no red
-    square." and "the square is blue, so no." both say no."""
+def verdict(reply: str) -> str | None:
+    """The reply's verdict, the last "yes" or "no" in it, or None: "no, there is no red square."
+    and "the square is blue, so no." both say "no"."""
     verdicts = [w for w in _words(reply) if w in ("yes", "no")]
-    return bool(verdicts) and verdicts[-1] == ("yes" if yes else "no")
+    return verdicts[-1] if verdicts else None
+
+
+def says_yes_no(reply: str, yes: bool) -> bool:
+    """The reply's :func:`verdict` is the right one."""
+    return verdict(reply) == ("yes" if yes else "no")
 
 
 def score_turn(turn: Turn, scene: Sequence[Shape], reply: str) -> bool:
@@ -143,7 +148,7 @@ def score_turn(turn: Turn, scene: Sequence[Shape], reply: str) -> bool:
     if turn.kind == "where":
         return places_right(reply, turn.focus.place)
     if turn.kind == "exists":
-        return says_yes_no(reply, says_yes_no(turn.answer, True))
+        return says_yes_no(reply, verdict(turn.answer) == "yes")
     raise ValueError(f"no scoring rule for question kind '{turn.kind}'; choose from {', '.join(SCORED_AS)}")
 
 

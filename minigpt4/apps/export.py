@@ -2,12 +2,14 @@
 checkpoint; or, for a vLLM server, the LLM with the model's LoRA merged into it.
 
     python -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2_chat.yaml \
-        --out minigpt4/weights/minigpt4_nano.pth
+        --out minigpt4/weights/minigpt4_nano.pth --dtype float16
     python -m minigpt4.apps.export --cfg-path eval_configs/minigpt4_nano_eval.yaml --llm-out LLM_FOLDER
 
 Used to ship the nano model: its stage-0 vision weights and its trained ``llama_proj`` and LoRA
 come from different runs (``model.ckpt`` lists them); the export is the single file the eval
 config loads. The frozen LLM's own weights are left out: they come from ``model.llama_model``.
+``--dtype float16`` halves the file (the nano weights ship so, to stay under 10 MB); loading casts
+it back to the model's own precision.
 A vLLM server runs the LLM by itself, so a model with LoRA (``model.lora_r`` > 0) needs
 ``--llm-out``: a folder with the adapters merged into the weights, for ``vllm serve``.
 """
@@ -34,7 +36,12 @@ def exported(name: str) -> bool:
     return not name.startswith("llama_model.") or ".lora_" in name
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def export_weights(model: torch.nn.Module, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Everything :func:`exported` of ``model``'s state as ``{"model": ...}`` in ``out``, its
+    floating-point tensors in ``dtype``."""
     state = {
         name: tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).clone()
         for name, tensor in model.state_dict().items()
@@ -80,8 +87,11 @@ def main(argv: list[str] | None = None) -> Path:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="the checkpoint file to write: everything but the frozen LLM")
     target.add_argument("--llm-out", help="a new folder: the LLM with the model's LoRA merged, for vLLM")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="with --out: the precision of the file's floating-point tensors")
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.llm_out and args.dtype != "float32":
+        parser.error("--dtype applies to --out; --llm-out saves the LLM in its own precision")
     logging.basicConfig(level=logging.INFO)
 
     from minigpt4.common.config import Config
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> Path:
     model = registry.get_model_class(cfg.model_cfg.arch).from_config(cfg.model_cfg)
     if args.llm_out:
         return export_llm(model, args.llm_out)
-    return export_weights(model, args.out)
+    return export_weights(model, args.out, DTYPES[args.dtype])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from minigpt4.apps.eval_shapes import (
     places_right,
     says_yes_no,
     score_turn,
+    verdict,
 )
 
 SCENE = [Shape("red", "circle", 0.2, 0.5, 0.3), Shape("blue", "square", 0.5, 0.3, 0.2), Shape("green", "triangle", 0.8, 0.6, 0.25)]
@@ -76,6 +77,7 @@ def test_yes_no_is_read_from_the_last_verdict():
     assert not says_yes_no("nothing like that, but yes.", False)
     assert not says_yes_no("the square is blue.", False)  # no verdict at all
     assert not says_yes_no("", True)
+    assert [verdict(r) for r in ("no, there is no red square.", "the circles are red, so yes.", "the square is blue.")] == ["no", "yes", None]
 
 
 @pytest.mark.parametrize("reasoned", [False, True])
@@ -91,7 +93,7 @@ def test_the_dataset_answer_of_every_kind_scores_right_and_another_one_wrong(kin
             "count": "there are two shapes.",
             "colour": "it is purple.",
             "where": "it is on the right." if turn.focus and turn.focus.place != "on the right" else "it is on the left.",
-            "exists": "no." if says_yes_no(turn.answer, True) else "yes.",
+            "exists": "yes." if verdict(turn.answer) == "no" else "no.",
         }[kind]
         assert not score_turn(turn, SCENE, wrong), turn
 

@@ -220,9 +220,9 @@ def test_hard_questions_ask_what_the_text_and_the_order_cannot_answer():
 def test_reasoned_exists_says_the_colours_of_the_kind_then_the_same_verdict():
     """reasoned_exists asks the same questions and gives each "is there" the verdict of the plain
     answer, after the colours (left to right, each once) of the shapes of the kind asked about."""
-    from minigpt4.datasets.datasets.synthetic_shapes import ask, kind_colours
+    from minigpt4.datasets.datasets.synthetic_shapes import ask, kind_colours_phrase, object_sequence
 
-    assert kind_colours([], "circle") == "there is no circle"
+    assert kind_colours_phrase([], "circle") == "there is no circle"
     seen = Counter()
     for index in range(300):
         scene = make_scene(random.Random(index))
@@ -231,12 +231,13 @@ def test_reasoned_exists_says_the_colours_of_the_kind_then_the_same_verdict():
             turn = ask(scene, "exists", random.Random(1000 * index + draw), hard=0.5, reasoned=True)
             assert (turn.question, turn.focus) == (plain.question, plain.focus)
             shape = turn.question.rstrip("?").split()[-1]
-            colours = list(dict.fromkeys(s.colour for s in scene if s.shape == shape))
+            named = [colour for colour, kind in object_sequence(describe(scene)) if kind == shape]  # left to right
+            colours = [colour for i, colour in enumerate(named) if colour not in named[:i]]
             reason, verdict = turn.answer.rstrip(".").rsplit(", so ", 1)
             assert verdict == plain.answer.split(",")[0], (scene, turn, plain)
             if not colours:
                 assert reason == f"there is no {shape}"
-            elif len(colours) == 1 and sum(s.shape == shape for s in scene) == 1:
+            elif len(named) == 1:
                 assert reason == f"the {shape} is {colours[0]}"
             else:
                 listed = reason.removeprefix(f"the {shape}s are ").replace(" and ", ", ").split(", ")

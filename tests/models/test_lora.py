@@ -59,3 +59,34 @@ def test_export_ships_the_adapters_and_merges_them_for_vllm(tmp_path):
     assert lora_fingerprint(MiniGPT4.from_config(tiny_model_section(lora_r=4, lora_alpha=8)).llama_model) is None
     with pytest.raises(FileExistsError, match="not empty"):
         export_llm(model, folder)
+
+
+def test_a_half_precision_export_loads_into_the_full_precision_model(tmp_path):
+    """--dtype float16 (how the nano weights ship): half the file, and a model built from it in
+    fp32 holds exactly the fp16 values and answers as the original does, within fp16 rounding."""
+    import torch
+
+    from minigpt4.apps.export import export_weights, main
+
+    torch.manual_seed(0)
+    model = MiniGPT4.from_config(tiny_model_section(lora_r=4, lora_alpha=8)).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    half = export_weights(model, tmp_path / "half.pth", torch.float16)
+    full = export_weights(model, tmp_path / "full.pth")
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    state = torch.load(half, weights_only=True)["model"]
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float16}
+
+    loaded = MiniGPT4.from_config(tiny_model_section(lora_r=4, lora_alpha=8, ckpt=str(half))).eval()
+    own = loaded.state_dict()
+    for name, tensor in state.items():
+        assert own[name].dtype == torch.float32 and torch.equal(own[name], tensor.float()), name
+    embeds = torch.randn(1, 7, model.llama_model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.llama_model(inputs_embeds=embeds).logits, model.llama_model(inputs_embeds=embeds).logits, rtol=1e-2, atol=1e-2)
+
+    with pytest.raises(SystemExit) as exited:  # the LLM folder keeps the LLM's own precision
+        main(["--cfg-path", "unused.yaml", "--llm-out", str(tmp_path / "llm"), "--dtype", "float16"])
+    assert exited.value.code == 2

@@ -219,7 +219,7 @@ def order_third(index: int, count: int) -> int:
     return 1 if count == 1 else round(2 * index / (count - 1))
 
 
-def kind_colours(scene: Sequence[Shape], shape: str) -> str:
+def kind_colours_phrase(scene: Sequence[Shape], shape: str) -> str:
     """What ``scene`` has of one shape kind, in words: "the triangle is blue", "the circles are red
     and green" (left to right, each colour once), "there is no square"."""
     colours = list(dict.fromkeys(s.colour for s in scene if s.shape == shape))
@@ -274,7 +274,7 @@ def ask(
             s = rng.choice(scene)
             name = s.name
             focus = s if [o.name for o in scene].count(name) == 1 else None
-            answer = f"{kind_colours(scene, s.shape)}, so yes." if reasoned else f"yes, there is {_a(name)}."
+            answer = f"{kind_colours_phrase(scene, s.shape)}, so yes." if reasoned else f"yes, there is {_a(name)}."
             return Turn(kind, QUESTIONS["exists"].format(a_name=_a(name)), answer, focus)
         # mostly near misses: the colour of a shape that is there, or a shape in a colour that is there
         s = rng.choice(scene)
@@ -284,7 +284,7 @@ def ask(
         absent = [p for p in near if p not in present] or [p for p in PAIRS if p not in present]
         colour, shape = rng.choice(absent)
         name = f"{colour} {shape}"
-        answer = f"{kind_colours(scene, shape)}, so no." if reasoned else f"no, there is no {name}."
+        answer = f"{kind_colours_phrase(scene, shape)}, so no." if reasoned else f"no, there is no {name}."
         return Turn(kind, QUESTIONS["exists"].format(a_name=_a(name)), answer)
     raise ValueError(f"unknown question kind '{kind}'; choose from {', '.join(PROMPT_KINDS)}")
 
