@@ -7,7 +7,8 @@
 # token), 2i and 2k (the conversations reading those tokens), stage 0e (each shape kind in one
 # query token), 2n (the conversations reading them, with hard questions), 2p (more of 2n, more
 # of it about places and "is there"), 2s (2p's mix, the loss on every answer), 2v (2s's stage
-# with LoRA on the MLPs too), 2w and 2x (more of 2v), then the shipped weights file (fp16) and
+# with LoRA on the MLPs too), 2w and 2x (more of 2v), 2y and 2z (from 2x's fp16 weights file, more
+# "is there" and "where", 2z with mostly hard questions), then the shipped weights file (fp16) and
 # its score on 200 held-out scenes. Each stage resumes from its newest
 # checkpoint and a finished stage is skipped, so the script can be stopped and started again at
 # any point.
@@ -50,6 +51,9 @@ S2S="$OUT/minigpt4_nano_stage2s/run/checkpoint_0.pth"
 S2V="$OUT/minigpt4_nano_stage2v/run/checkpoint_0.pth"
 S2W="$OUT/minigpt4_nano_stage2w/run/checkpoint_0.pth"
 S2X="$OUT/minigpt4_nano_stage2x/run/checkpoint_0.pth"
+AFTER_2X="$OUT/minigpt4_nano_after_2x.pth"
+S2Y="$OUT/minigpt4_nano_stage2y/run/checkpoint_0.pth"
+S2Z="$OUT/minigpt4_nano_stage2z/run/checkpoint_0.pth"
 
 train() {  # config, output dir, extra options...
     "$PYTHON" train.py --cfg-path "$1" --resume auto --options "${opts[@]}" "run.output_dir=$2" "${@:3}" "${extra[@]}"
@@ -92,12 +96,13 @@ chat_mix=("datasets.synthetic_shapes.build_info.turns=[1,3]"
     "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,colour,where,where,where,exists,exists]" \
     run.init_lr=1.5e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=400
 
-export_weights() {  # output file, checkpoints (the later win), more options...
-    "$PYTHON" -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2_chat.yaml --out "$1" --options "model.ckpt=$2" "${@:3}" "${extra[@]}"
+export_weights() {  # output file, dtype (export --dtype), checkpoints (the later win), more options...
+    "$PYTHON" -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2_chat.yaml --out "$1" --dtype "$2" \
+        --options "model.ckpt=$3" "${@:4}" "${extra[@]}"
 }
 # Each shape kind in one query token (the colour and place of the circle, the square, the triangle),
 # from the weights file after 2k (so 0d's vision side, with fresh heads), the MSE keeping the rest.
-[[ -f "$AFTER_2K" || -f "$S0E" ]] || export_weights "$AFTER_2K" "[$S0,$S0D,$S2K]" "$attention_lora"
+[[ -f "$AFTER_2K" || -f "$S0E" ]] || export_weights "$AFTER_2K" float32 "[$S0,$S0D,$S2K]" "$attention_lora"
 [[ -f "$S0E" ]] || train train_configs/minigpt4_nano_stage0e.yaml "$OUT/minigpt4_nano_stage0e" "model.ckpt=$AFTER_2K"
 # The conversations reading 0e's tokens: half the "where" and "no" questions ones the text cannot answer.
 [[ -f "$S2N" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2n" "model.ckpt=[$S0,$S2K,$S0E]" "$attention_lora" \
@@ -133,8 +138,20 @@ every_answer_mix=("datasets.synthetic_shapes.build_info.turns=[1,4]"
     datasets.synthetic_shapes.build_info.seed=113 "${every_answer_mix[@]}" \
     run.init_lr=5e-5 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=300
 
-# fp16: with the MLP adapters the file is 15.7 MB in fp32, 7.9 MB in fp16
-"$PYTHON" -m minigpt4.apps.export --cfg-path train_configs/minigpt4_nano_stage2_chat.yaml --out "$OUT/minigpt4_nano.pth" --dtype float16 \
-    --options "model.ckpt=[$S0,$S2K,$S0E,$S2X]" "${extra[@]}"
+# 2x's weights file, as it shipped (fp16: with the MLP adapters the file is 15.7 MB in fp32, 7.9 MB
+# in fp16); 2y and 2z start from it. Their mix: six "is there" and four "where" in fourteen questions.
+[[ -f "$AFTER_2X" ]] || export_weights "$AFTER_2X" float16 "[$S0,$S2K,$S0E,$S2X]"
+exists_mix=("datasets.synthetic_shapes.build_info.turns=[1,4]"
+    datasets.synthetic_shapes.build_info.first_describe=0.4 datasets.synthetic_shapes.build_info.every_answer=True
+    "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,where,exists,exists,exists,exists,exists,exists]")
+[[ -f "$S2Y" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2y" "model.ckpt=$AFTER_2X" \
+    datasets.synthetic_shapes.build_info.seed=127 "${exists_mix[@]}" datasets.synthetic_shapes.build_info.hard_questions=0.5 \
+    run.init_lr=5e-5 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=300
+# 2y's mix with mostly hard questions (most "no" answers to "is there" a crossed pair) at a higher rate.
+[[ -f "$S2Z" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2z" "model.ckpt=[$AFTER_2X,$S2Y]" \
+    datasets.synthetic_shapes.build_info.seed=131 "${exists_mix[@]}" datasets.synthetic_shapes.build_info.hard_questions=0.8 \
+    run.init_lr=8e-5 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=300
+
+export_weights "$OUT/minigpt4_nano.pth" float16 "[$AFTER_2X,$S2Y,$S2Z]"
 "$PYTHON" -m minigpt4.apps.eval_shapes -n "${EVAL_N:-200}" --options "model.ckpt=$(realpath "$OUT/minigpt4_nano.pth")" "${extra[@]}" | tee "$OUT/eval.json"
 echo "weights: $OUT/minigpt4_nano.pth (copy to minigpt4/weights/ to ship them)"
