@@ -8,8 +8,9 @@
 # query token), 2n (the conversations reading them, with hard questions), 2p (more of 2n, more
 # of it about places and "is there"), 2s (2p's mix, the loss on every answer), 2v (2s's stage
 # with LoRA on the MLPs too), 2w and 2x (more of 2v), 2y and 2z (from 2x's fp16 weights file, more
-# "is there" and "where", 2z with mostly hard questions), then the shipped weights file (fp16) and
-# its score on 200 held-out scenes. Each stage resumes from its newest
+# "is there" and "where", 2z with mostly hard questions), 2za (from 2z's fp16 weights file, 2z's mix
+# with fewer hard questions at a low rate), then the shipped weights file (fp16) and its score on
+# 200 held-out scenes. Each stage resumes from its newest
 # checkpoint and a finished stage is skipped, so the script can be stopped and started again at
 # any point.
 #
@@ -54,6 +55,8 @@ S2X="$OUT/minigpt4_nano_stage2x/run/checkpoint_0.pth"
 AFTER_2X="$OUT/minigpt4_nano_after_2x.pth"
 S2Y="$OUT/minigpt4_nano_stage2y/run/checkpoint_0.pth"
 S2Z="$OUT/minigpt4_nano_stage2z/run/checkpoint_0.pth"
+AFTER_2Z="$OUT/minigpt4_nano_after_2z.pth"
+S2ZA="$OUT/minigpt4_nano_stage2za/run/checkpoint_0.pth"
 
 train() {  # config, output dir, extra options...
     "$PYTHON" train.py --cfg-path "$1" --resume auto --options "${opts[@]}" "run.output_dir=$2" "${@:3}" "${extra[@]}"
@@ -117,10 +120,10 @@ export_weights() {  # output file, dtype (export --dtype), checkpoints (the late
     "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists,exists,exists]" \
     run.init_lr=1e-4 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=450
 
-# 2p's mix in chats of 1-4 turns, trained on every answer of a chat (not only the last).
-every_answer_mix=("datasets.synthetic_shapes.build_info.turns=[1,4]"
-    datasets.synthetic_shapes.build_info.first_describe=0.4 datasets.synthetic_shapes.build_info.hard_questions=0.3
-    datasets.synthetic_shapes.build_info.every_answer=True
+# Chats of 1-4 turns, trained on every answer of a chat (not only the last); 2p's mix in them.
+every_answer_chats=("datasets.synthetic_shapes.build_info.turns=[1,4]"
+    datasets.synthetic_shapes.build_info.first_describe=0.4 datasets.synthetic_shapes.build_info.every_answer=True)
+every_answer_mix=("${every_answer_chats[@]}" datasets.synthetic_shapes.build_info.hard_questions=0.3
     "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,exists,exists,exists,exists]")
 [[ -f "$S2S" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2s" "model.ckpt=[$S0,$S2K,$S0E,$S2P]" "$attention_lora" \
     datasets.synthetic_shapes.build_info.seed=97 "${every_answer_mix[@]}" \
@@ -141,8 +144,7 @@ every_answer_mix=("datasets.synthetic_shapes.build_info.turns=[1,4]"
 # 2x's weights file, as it shipped (fp16: with the MLP adapters the file is 15.7 MB in fp32, 7.9 MB
 # in fp16); 2y and 2z start from it. Their mix: six "is there" and four "where" in fourteen questions.
 [[ -f "$AFTER_2X" ]] || export_weights "$AFTER_2X" float16 "[$S0,$S2K,$S0E,$S2X]"
-exists_mix=("datasets.synthetic_shapes.build_info.turns=[1,4]"
-    datasets.synthetic_shapes.build_info.first_describe=0.4 datasets.synthetic_shapes.build_info.every_answer=True
+exists_mix=("${every_answer_chats[@]}"
     "datasets.synthetic_shapes.build_info.prompt_kinds=[describe,count,colour,colour,where,where,where,where,exists,exists,exists,exists,exists,exists]")
 [[ -f "$S2Y" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2y" "model.ckpt=$AFTER_2X" \
     datasets.synthetic_shapes.build_info.seed=127 "${exists_mix[@]}" datasets.synthetic_shapes.build_info.hard_questions=0.5 \
@@ -152,6 +154,14 @@ exists_mix=("datasets.synthetic_shapes.build_info.turns=[1,4]"
     datasets.synthetic_shapes.build_info.seed=131 "${exists_mix[@]}" datasets.synthetic_shapes.build_info.hard_questions=0.8 \
     run.init_lr=8e-5 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=300
 
-export_weights "$OUT/minigpt4_nano.pth" float16 "[$AFTER_2X,$S2Y,$S2Z]"
+# 2z's weights file, as it shipped; 2za starts from it. 2z's mix with fewer hard questions (as in
+# 2x) at a low rate: the "yes" for a shape that is there (the middle of three) back, the crossed
+# pairs kept.
+[[ -f "$AFTER_2Z" ]] || export_weights "$AFTER_2Z" float16 "[$AFTER_2X,$S2Y,$S2Z]"
+[[ -f "$S2ZA" ]] || train train_configs/minigpt4_nano_stage2_chat.yaml "$OUT/minigpt4_nano_stage2za" "model.ckpt=$AFTER_2Z" \
+    datasets.synthetic_shapes.build_info.seed=137 "${exists_mix[@]}" datasets.synthetic_shapes.build_info.hard_questions=0.3 \
+    run.init_lr=5e-5 run.min_lr=1e-5 run.warmup_steps=10 run.iters_per_epoch=300
+
+export_weights "$OUT/minigpt4_nano.pth" float16 "[$AFTER_2Z,$S2ZA]"
 "$PYTHON" -m minigpt4.apps.eval_shapes -n "${EVAL_N:-200}" --options "model.ckpt=$(realpath "$OUT/minigpt4_nano.pth")" "${extra[@]}" | tee "$OUT/eval.json"
 echo "weights: $OUT/minigpt4_nano.pth (copy to minigpt4/weights/ to ship them)"

@@ -20,11 +20,11 @@ WEIGHTS = LIBRARY_ROOT / "weights" / "minigpt4_nano.pth"
 
 pytestmark = pytest.mark.slow
 
-# 200 held-out scenes: 96% exact, 100% counting (docs/nano.md); these first 24 (greedy,
+# 200 held-out scenes: 97% exact, 100% counting (docs/nano.md); these first 24 (greedy,
 # deterministic) give 23/24 exact and 24/24 counts on a CPU
 MIN_EXACT = 0.75
 MIN_COUNTING = 0.9
-# In a chat (200 scenes: follow-ups 94.7%): the first 12 give 11/12 first turns exact and 31/36
+# In a chat (200 scenes: follow-ups 96%): the first 12 give 11/12 first turns exact and 34/36
 # follow-ups right; the weights before the conversation stage got about half the follow-ups.
 CONVERSATION_SCENES = 12
 MIN_FIRST_TURN = 0.6
@@ -125,7 +125,7 @@ def test_demo_without_arguments_serves_the_nano_model(smollm2_dir, tmp_path):
 @pytest.mark.e2e
 def test_train_nano_script_runs_every_stage_from_nothing_then_resumes(tmp_path, smollm2_dir):
     """``scripts/train_nano.sh`` at 2 iterations an epoch: stages 0, 1, 2, 2d, 2e, 2f, 0b, 0c, 2g, 0d, 2i, 2k, 0e, 2n, 2p, 2s, 2v,
-    2w, 2x, 2y, 2z, the exports and the score; a second run finds every stage finished and trains nothing."""
+    2w, 2x, 2y, 2z, 2za, the exports and the score; a second run finds every stage finished and trains nothing."""
     env = dict(
         os.environ,
         OUT=str(tmp_path),
@@ -140,8 +140,8 @@ def test_train_nano_script_runs_every_stage_from_nothing_then_resumes(tmp_path, 
         return done
 
     first = train_nano()
-    assert first.stderr.count("INFO train: config:") == 21
-    for stage, epochs in {"stage0": 8, "stage1": 4, "stage2": 6, "stage2d": 1, "stage2e": 1, "stage2f": 1, "stage0b": 1, "stage0c": 1, "stage2g": 1, "stage0d": 1, "stage2i": 1, "stage2k": 1, "stage0e": 1, "stage2n": 1, "stage2p": 1, "stage2s": 1, "stage2v": 1, "stage2w": 1, "stage2x": 1, "stage2y": 1, "stage2z": 1}.items():
+    assert first.stderr.count("INFO train: config:") == 22
+    for stage, epochs in {"stage0": 8, "stage1": 4, "stage2": 6, "stage2d": 1, "stage2e": 1, "stage2f": 1, "stage0b": 1, "stage0c": 1, "stage2g": 1, "stage0d": 1, "stage2i": 1, "stage2k": 1, "stage0e": 1, "stage2n": 1, "stage2p": 1, "stage2s": 1, "stage2v": 1, "stage2w": 1, "stage2x": 1, "stage2y": 1, "stage2z": 1, "stage2za": 1}.items():
         log = (tmp_path / f"minigpt4_nano_{stage}" / "run" / "log.txt").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in log] == list(range(epochs)), stage
     def adapts_the_mlps(stage: str) -> bool:
@@ -149,7 +149,7 @@ def test_train_nano_script_runs_every_stage_from_nothing_then_resumes(tmp_path, 
         return any(".mlp." in n and ".lora_" in n for n in state)
 
     # the stages up to 2s as they were run (LoRA on the attention), the MLPs from 2v on
-    assert [adapts_the_mlps(stage) for stage in ("stage2f", "stage2s", "stage2v", "stage2x", "stage2z")] == [False, False, True, True, True]
+    assert [adapts_the_mlps(stage) for stage in ("stage2f", "stage2s", "stage2v", "stage2x", "stage2za")] == [False, False, True, True, True]
     exported = torch.load(tmp_path / "minigpt4_nano.pth", weights_only=True)["model"]
     shipped = torch.load(WEIGHTS, weights_only=True)["model"]
     assert {n: (t.shape, t.dtype) for n, t in exported.items()} == {n: (t.shape, t.dtype) for n, t in shipped.items()}

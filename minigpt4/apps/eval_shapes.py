@@ -10,7 +10,9 @@ Three protocols, each printed as a section of one JSON line:
   "What colour is the <shape>?" (colour accuracy). Its figures are also the top-level keys.
 - ``conversation``: one chat per scene, as a demo user would: "Describe this image." and three
   follow-ups (how many, what colour, where, is there), some about "it", each answered with the
-  model's own earlier replies in view and the chat's default decoding.
+  model's own earlier replies in view and the chat's default decoding. Its yes/no figure is also
+  split ``by_scene``: whether the scene holds the asked pair, a crossed pair, the kind or the colour
+  alone, or neither.
 - ``renderer``: "Describe this image." on the same scenes drawn by a renderer training never
   sees (other shades of the colours, other sizes, anti-aliased edges).
 """
@@ -52,6 +54,8 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 PLACES = ("on the left", "in the middle", "on the right")
 # the type each follow-up is scored as
 SCORED_AS = {"describe": "exact_scene", "count": "count", "colour": "colour", "where": "position", "exists": "yes/no"}
+# what a scene holds of the (colour, shape) an "is there" question names; see exists_case
+EXISTS_CASES = ("pair", "crossed", "kind_only", "colour_only", "neither")
 
 
 def evaluate(chat, num_scenes: int = 200, seed: int = HELD_OUT_SEED, batch_size: int = 16, image_size: int = 64, show_progress: bool = True) -> dict[str, Any]:
@@ -156,6 +160,33 @@ def _figure(oks: Sequence[bool]) -> dict[str, Any]:
     return {"accuracy": sum(oks) / max(len(oks), 1), "questions": len(oks)}
 
 
+def exists_case(turn: Turn, scene: Sequence[Shape]) -> str:
+    """What ``scene`` holds of the pair an "is there" question names, one of :data:`EXISTS_CASES`:
+    ``pair`` (it is there: "yes"), ``crossed`` (the colour in another kind and the kind in another
+    colour: "is there a blue square?" with a blue triangle and a yellow square), ``kind_only`` (the
+    kind in other colours), ``colour_only`` (the colour in other kinds) or ``neither``."""
+    named = object_sequence(turn.question)
+    if turn.kind != "exists" or len(named) != 1:
+        raise ValueError(f"not an 'is there' question about one coloured shape: {turn.question!r}")
+    colour, shape = named[0]
+    has_colour = any(s.colour == colour for s in scene)
+    has_kind = any(s.shape == shape for s in scene)
+    if any((s.colour, s.shape) == (colour, shape) for s in scene):
+        return "pair"
+    if has_colour and has_kind:
+        return "crossed"
+    return "kind_only" if has_kind else "colour_only" if has_colour else "neither"
+
+
+def by_scene(cases: Sequence[tuple[str, bool]]) -> dict[str, Any]:
+    """Accuracy and number of questions for each of :data:`EXISTS_CASES` (None where none was asked)."""
+    figures = {}
+    for case in EXISTS_CASES:
+        oks = [ok for c, ok in cases if c == case]
+        figures[case] = _figure(oks) if oks else {"accuracy": None, "questions": 0}
+    return figures
+
+
 # ---- conversation protocol -----------------------------------------------------------------------
 def conversation_turns(scene: Sequence[Shape], seed: int, index: int) -> list[Turn]:
     """The held-out conversation about scene ``index``: "Describe this image." then follow-ups."""
@@ -198,7 +229,7 @@ def evaluate_conversations(
 ) -> dict[str, Any]:
     """The ``conversation`` protocol: a 4-turn chat per scene, scored turn by turn."""
     scenes = SyntheticShapesDataset(lambda image: image, num_samples=num_scenes, image_size=image_size, seed=seed)
-    first, first_in_order, follow_ups, examples = [], [], [], []
+    first, first_in_order, follow_ups, exists_cases, examples = [], [], [], [], []
     for i in tqdm(range(num_scenes), desc="conversation", disable=not show_progress):
         scene, image = scenes.scene(i)
         turns = conversation_turns(scene, seed, i)
@@ -207,6 +238,7 @@ def evaluate_conversations(
         first.append(oks[0])
         first_in_order.append(oks[0] and describes_layout(replies[0], turns[0].answer))
         follow_ups += list(zip(turns[1:], oks[1:]))
+        exists_cases += [(exists_case(turn, scene), ok) for turn, ok in zip(turns[1:], oks[1:]) if turn.kind == "exists"]
         if len(examples) < num_examples:
             examples.append(
                 [
@@ -214,13 +246,16 @@ def evaluate_conversations(
                     for t, r, ok in zip(turns, replies, oks)
                 ]
             )
+    figures = conversation_figures(follow_ups)
+    if exists_cases:
+        figures[SCORED_AS["exists"]]["by_scene"] = by_scene(exists_cases)
     return {
         "scenes": num_scenes,
         "seed": seed,
         "turns": CONVERSATION_TURNS,
         "first_turn_exact_scene": _figure(first),
         "first_turn_exact_scene_in_order": _figure(first_in_order),
-        "follow_ups": conversation_figures(follow_ups),
+        "follow_ups": figures,
         "examples": examples,
     }
 

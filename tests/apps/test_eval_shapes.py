@@ -6,11 +6,13 @@ import random
 
 import pytest
 
-from minigpt4.datasets.datasets.synthetic_shapes import COLOURS, PROMPT_KINDS, Shape, SyntheticShapesDataset, ask, describe
+from minigpt4.datasets.datasets.synthetic_shapes import COLOURS, PROMPT_KINDS, Shape, SyntheticShapesDataset, Turn, ask, describe
 from minigpt4.apps import eval_shapes
 from minigpt4.apps.eval_shapes import (
+    EXISTS_CASES,
     OTHER_SHADES,
     OTHER_SIZES,
+    by_scene,
     conversation_figures,
     conversation_turns,
     counts_right,
@@ -18,6 +20,7 @@ from minigpt4.apps.eval_shapes import (
     describes_scene,
     evaluate_conversations,
     evaluate_renderer,
+    exists_case,
     names_colour,
     other_scene,
     places_right,
@@ -115,6 +118,35 @@ def test_conversation_figures_count_every_question_and_split_only_where_both_occ
     assert figures["count"] == {"accuracy": 0.5, "questions": 2}
 
 
+def test_is_there_is_sorted_by_what_the_scene_holds_of_the_asked_pair():
+    def case(name: str) -> str:
+        return exists_case(Turn("exists", f"Is there a {name}?", ""), SCENE)
+
+    assert case("blue square") == "pair"
+    assert case("blue circle") == "crossed"  # a blue square and a red circle
+    assert case("purple square") == "kind_only"
+    assert case("green circle") == "crossed"
+    assert case("purple triangle") == "kind_only"
+    two = SCENE[:2]  # a red circle and a blue square: no triangle, no green
+    assert exists_case(Turn("exists", "Is there a red triangle?", ""), two) == "colour_only"
+    assert exists_case(Turn("exists", "Is there a green triangle?", ""), two) == "neither"
+    with pytest.raises(ValueError, match="Describe this image"):
+        exists_case(Turn("describe", "Describe this image.", ""), SCENE)
+    # every "no" the dataset asks is one of the four other cases, every "yes" the pair
+    rng = random.Random(5)
+    for _ in range(200):
+        turn = ask(SCENE, "exists", rng, hard=0.5)
+        assert (exists_case(turn, SCENE) == "pair") == (verdict(turn.answer) == "yes"), turn
+
+
+def test_by_scene_lists_every_case_and_says_none_where_none_was_asked():
+    figures = by_scene([("pair", True), ("pair", False), ("crossed", True)])
+    assert list(figures) == list(EXISTS_CASES)
+    assert figures["pair"] == {"accuracy": 0.5, "questions": 2}
+    assert figures["crossed"] == {"accuracy": 1.0, "questions": 1}
+    assert figures["neither"] == {"accuracy": None, "questions": 0}
+
+
 def test_held_out_conversations_start_with_describe_and_are_deterministic():
     scenes = SyntheticShapesDataset(lambda image: image, num_samples=20, seed=1)
     for i in range(20):
@@ -204,6 +236,11 @@ def test_conversation_and_renderer_protocols_on_the_nano_model(nano_chat):
     first_ok = sum(turns[0]["ok"] for turns in conv["examples"])
     assert conv["first_turn_exact_scene"]["accuracy"] == first_ok / 3
     assert sum(t["ok"] for turns in conv["examples"] for t in turns[1:]) == round(follow_ups["all"]["accuracy"] * 9)
+    # the first 3 held-out chats ask "is there" 4 times; by_scene sorts each of them once
+    yes_no, split = follow_ups["yes/no"], follow_ups["yes/no"]["by_scene"]
+    assert yes_no["questions"] == 4 == sum(map(_questions, split.values()))
+    right = sum(f["accuracy"] * f["questions"] for f in split.values() if f["questions"])
+    assert round(right) == round(yes_no["accuracy"] * 4)
 
     rend = evaluate_renderer(nano_chat, num_scenes=4, batch_size=4, show_progress=False)
     scenes = SyntheticShapesDataset(lambda image: image, num_samples=4, seed=1)
