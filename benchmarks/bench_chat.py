@@ -52,6 +52,8 @@ reported as its median with its spread (``min_s``, ``p25_s``, ``median_s``, ``p7
   the check costs what it costs in a chat, and the random model is never cut short. Decode
   tokens/s and TTFT as above (a token counts when its chunk reaches the host), next to the
   ``generate`` rate of the same model in the same process; the first call compiles (``warmup_s``).
+  Then ``greedy_vs_generate``: the loop's greedy tokens against ``generate``'s on the same context
+  over ``--greedy-check-tokens`` (200), whether they are the same and where they first differ.
 - captioning (fp16): the same ``--caption-images`` images, ``--caption-tokens`` new tokens each
   (forced as above, every length checked), the image preprocessing and encoding included. The
   ``reference`` mode captions them one at a time as a user of the original does: for each image a
@@ -373,6 +375,30 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
         "warmup_s": warmup_s,
         "ttft_s": common.spread([r["ttft_s"] for r in runs]),
         "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
+        "greedy_vs_generate": greedy_vs_generate(args, chat, embeds, stops, compiled),
+    }
+
+
+def greedy_vs_generate(args, chat: Chat, embeds: torch.Tensor, stops, compiled: bool) -> dict[str, Any]:
+    """The static loop's greedy tokens against ``generate``'s (dynamic cache, as ``Chat.answer``
+    runs it) on the same context, model and autocast, over ``--greedy-check-tokens`` tokens.
+
+    ``generate`` keeps the model's own EOS and may stop before the end; the comparison then covers
+    its tokens (``compared``). ``first_difference`` is the first index where the two differ.
+    """
+    n = args.greedy_check_tokens
+    model, llm = chat.model, chat.model.llama_model
+    with torch.no_grad(), model.maybe_autocast(model.autocast_dtype):
+        ours = decode(llm, embeds, n, stops, steps_per_sync=args.steps_per_sync, compile=compiled)
+        theirs = llm.generate(inputs_embeds=embeds, max_new_tokens=n, do_sample=False)[0].tolist()
+    compared = min(len(ours), len(theirs))
+    first = next((i for i in range(compared) if ours[i] != theirs[i]), None)
+    return {
+        "tokens": n,
+        "compared": compared,
+        "generate_stopped_at_eos": len(theirs) < n,
+        "equal": first is None and compared == len(theirs),
+        "first_difference": first,
     }
 
 
@@ -573,6 +599,11 @@ def table(runs: dict[str, dict[str, Any]], ratios: dict[str, Any], captioning: d
             f"{static['decode_tokens_per_s']:.1f} tokens/s, {common.fmt(static['decode_fraction_of_limit'], '.0%')} of limit, "
             f"{common.fmt(static['vs_generate'], '.2f')}x generate, TTFT {static['ttft_s']['median_s'] * 1e3:.1f} ms"
         )
+        check = static["greedy_vs_generate"]
+        lines.append(
+            f"static decode, greedy: {'the same' if check['equal'] else 'NOT the same'} tokens as generate over {check['compared']}"
+            + ("" if check["first_difference"] is None else f" (first difference at token {check['first_difference']})")
+        )
     if "no_ratio" not in captioning:
         lines.append(
             f"captioning images/s: reference one at a time {captioning['reference_one_at_a_time_images_per_s']:.2f}, "
@@ -595,6 +626,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode", choices=DECODES, default="generate",
                         help="static: also time decode.py's static-cache loop (fp16, default mode) next to generate")
     parser.add_argument("--steps-per-sync", type=int, default=8, help="--decode static: steps between host reads")
+    parser.add_argument("--greedy-check-tokens", type=int, default=200,
+                        help="--decode static: greedy tokens compared with generate's on the same context")
     parser.add_argument("--decode-tokens", type=int, default=256, help="turn 1's reply length, the decode measurement")
     parser.add_argument("--repeats", type=int, default=20, help="timed turns of each TTFT (median and spread reported)")
     parser.add_argument("--caption-images", type=int, default=16,
@@ -666,6 +699,7 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": args.repeats, "caption_images": args.caption_images, "caption_tokens": args.caption_tokens,
             "caption_repeats": args.caption_repeats,
             "max_length": args.max_length, "decode": args.decode, "steps_per_sync": args.steps_per_sync,
+            "greedy_check_tokens": args.greedy_check_tokens,
             "template": "pretrain_vicuna0", "questions": [QUESTION_1, QUESTION_2],
         },
         "shapes": {

@@ -106,7 +106,7 @@ def static_run(tmp_path_factory) -> tuple[dict, list[str]]:
     out = tmp_path_factory.mktemp("bench_chat_static")
     cmd = [
         sys.executable, "benchmarks/bench_chat.py", "--tiny", "--quant", "none", "--modes", "default", "--decode", "static",
-        "--steps-per-sync", "4", "--decode-tokens", "10", "--repeats", "1",
+        "--steps-per-sync", "4", "--decode-tokens", "10", "--repeats", "1", "--greedy-check-tokens", "24",
         "--caption-images", "1", "--caption-tokens", "2", "--caption-repeats", "1", "--out", str(out),
     ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -123,7 +123,7 @@ def test_decode_static_times_the_static_loop_next_to_generate(static_run, run):
     assert finite(static["decode_tokens_per_s"]) and static["decode_tokens_per_s"] > 0
     assert finite(static["ttft_s"]["median_s"]) and static["ttft_s"]["median_s"] > 0
     assert static["vs_generate"] == pytest.approx(static["decode_tokens_per_s"] / default["decode_tokens_per_s"])
-    assert lines[-3].startswith("static decode (fp16, default, eager, sync every 4): ") and lines[-1].startswith("goals: ")
+    assert lines[-4].startswith("static decode (fp16, default, eager, sync every 4): ") and lines[-1].startswith("goals: ")
     assert "static_decode" not in run[0]["runs"]["none"]["default"]  # --decode generate (the default) leaves it out
 
 
@@ -136,3 +136,12 @@ def test_without_the_reference_there_is_no_captioning_ratio(static_run):
     assert caption["no_ratio"] == "the reference mode did not run (--modes)"
     assert record["goals"]["captioning_batch_speedup"]["value"] is None and record["goals"]["captioning_batch_speedup"]["met"] is None
     assert lines[-2] == "captioning: no ratio: the reference mode did not run (--modes)"
+
+
+def test_decode_static_checks_its_greedy_tokens_against_generate(static_run):
+    record, lines = static_run
+    check = record["runs"]["none"]["default"]["static_decode"]["greedy_vs_generate"]
+    assert check["tokens"] == 24 and record["settings"]["greedy_check_tokens"] == 24
+    assert 0 < check["compared"] <= 24 and check["generate_stopped_at_eos"] == (check["compared"] < 24)
+    assert check["equal"] is True and check["first_difference"] is None
+    assert lines[-3] == f"static decode, greedy: the same tokens as generate over {check['compared']}"
