@@ -53,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=1, help="how many uploads/answers may use the model at once")
     parser.add_argument("--max-queue", type=int, default=64, help="events waiting in the queue before new ones are refused")
     parser.add_argument("--no-kv-cache", action="store_true", help="re-encode the whole conversation every turn, as the original")
+    parser.add_argument("--decode", choices=("generate", "static"), default="generate",
+                        help="static: our decode loop, its step one CUDA graph on a GPU (no KV cache between turns)")
     return parser.parse_args()
 
 
@@ -249,7 +251,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     existing_file("--cfg-path", args.cfg_path)  # before the model loads
     logger.info("Initializing Chat")
-    chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=not args.no_kv_cache)
+    chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=not args.no_kv_cache, decode=args.decode)
     logger.info("Initialization Finished")
     demo = build_demo(chat, args.concurrency)
     demo.queue(max_size=args.max_queue).launch(server_name=args.host, server_port=args.port, share=args.share)

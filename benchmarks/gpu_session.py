@@ -17,7 +17,7 @@ the copy back):
 2. ``environment``: the versions that ran (Python, torch, CUDA, transformers, bitsandbytes), the
    GPU, and that ``minigpt4`` imports. Without it nothing else can run, so a failure ends the session.
 3. ``gpu_tests``: the ``gpu``-marked tests (fp16 ViT, 8-bit and 4-bit loading, the CUDA-graph
-   decode loop against ``generate``), as JUnit XML.
+   decode loop against ``generate``, alone and as ``Chat(decode="static")``), as JUnit XML.
 4. ``static_decode``: ``bench_chat.py --quant none --modes default --compile --decode static``:
    the decode loop's tokens/s as a fraction of the copy-bandwidth limit, next to ``generate``'s
    (eager and transformers' compiled static cache), and its greedy tokens against ``generate``'s
@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-GPU_TESTS = ["tests/models/test_gpu.py", "tests/conversation/test_decode.py"]
+GPU_TESTS = ["tests/models/test_gpu.py", "tests/conversation/test_decode.py", "tests/conversation/test_engine_static.py"]
 ENVIRONMENT = """
 import importlib.metadata as m, json, platform, torch
 def version(name):

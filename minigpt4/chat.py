@@ -42,23 +42,30 @@ def load_chat(
     reuse_kv_cache: bool = True,
     engine: str = "hf",
     engine_url: str | None = None,
+    decode: str = "generate",
 ):
     """Build the model, its eval image processor and a :class:`Chat` from a config file.
 
     ``reuse_kv_cache=False`` re-encodes the whole conversation every turn, as the original.
     ``engine``: ``"hf"`` generates in this process; ``"vllm"`` sends the context embeddings to the
     vLLM server at ``engine_url`` (the vision side and the embedding of the prompt stay here).
+    ``decode``: how the hf engine writes an answer that runs alone, ``"generate"`` or ``"static"``
+    (:class:`~minigpt4.conversation.engines.HFEngine`).
     """
     from minigpt4.common.config import Config, ConfigError
     from minigpt4.common.registry import registry
     from minigpt4.conversation import Chat, conv_template_for
-    from minigpt4.conversation.engines import ENGINES, EngineMismatch, EngineUnavailable, VLLMEngine
+    from minigpt4.conversation.engines import DECODES, ENGINES, EngineMismatch, EngineUnavailable, VLLMEngine
     from minigpt4.models.llm import lora_fingerprint
 
     if engine not in ENGINES:
         raise ConfigError(f"engine: '{engine}' is not one of {', '.join(ENGINES)}")
     if engine == "vllm" and not engine_url:
         raise ConfigError("engine_url: the vllm engine needs the vLLM server's URL, e.g. http://127.0.0.1:8001")
+    if decode not in DECODES:
+        raise ConfigError(f"decode: '{decode}' is not one of {', '.join(DECODES)}")
+    if engine != "hf" and decode != "generate":
+        raise ConfigError(f"decode: '{decode}' is the hf engine's; the {engine} engine decodes on its server")
     cfg = Config(cfg_path=str(cfg_path), options=list(options or []))
     model_cfg = cfg.model_cfg
     device = pick_device(gpu_id)
@@ -99,6 +106,7 @@ def load_chat(
     return Chat(
         model, vis_processor, device, template, reuse_kv_cache=reuse_kv_cache,
         generation=OmegaConf.to_container(cfg.generation_cfg), model_type=model_cfg.model_type, engine=llm_engine,
+        decode=decode,
     )
 
 
@@ -239,6 +247,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", default=DEFAULT_CAPTION_PROMPT, help="question asked of every image when captioning")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generate call when captioning")
     parser.add_argument("--no-kv-cache", action="store_true", help="re-encode the whole conversation every turn, as the original")
+    parser.add_argument("--decode", choices=("generate", "static"), default="generate",
+                        help="static: our decode loop, its step one CUDA graph on a GPU (no KV cache between turns)")
     generation_args(parser)
     args = parser.parse_args(argv)
     if args.caption_dir is not None and args.out is None:
@@ -272,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     check_args(args)
     generation = generation_from_args(args)
-    chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=not args.no_kv_cache)
+    chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=not args.no_kv_cache, decode=args.decode)
     try:
         if args.caption_dir is not None:
             written = caption_folder(chat, args.caption_dir, args.out, args.prompt, args.batch_size, **generation)

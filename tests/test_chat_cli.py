@@ -39,6 +39,21 @@ def test_chat_over_a_pipe(tiny_cfg):
     assert "Traceback" not in run.stderr
 
 
+def test_decode_static_answers_as_generate_over_a_pipe(write_yaml):
+    # The tiny Llama-2 chat: a short answer, then one to the token limit.
+    cfg = write_yaml({"model": tiny_model_section("llama2")}, "tiny_llama2.yaml")
+    answers = []
+    for decode in ("generate", "static"):
+        run = subprocess.run(
+            cli("--cfg-path", str(cfg), "--image", str(REF / "img0.png"), "--max-new-tokens", "24", "--greedy", "--decode", decode),
+            input="Describe the shapes.\nHow many are there?\n", capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120,
+        )
+        assert run.returncode == 0, run.stderr
+        answers.append([line for line in run.stdout.splitlines() if line.startswith("Assistant: ")])
+    assert len(answers[0]) == 2 and answers[1] == answers[0]
+    assert any(len(a) > len("Assistant: ") + 10 for a in answers[0]), answers[0]
+
+
 def test_a_bad_config_ends_with_its_message_not_a_traceback(write_yaml, tmp_path):
     cfg = write_yaml({"model": tiny_model_section("vicuna0", llama_model=str(tmp_path / "no-vicuna"))}, "bad_llm.yaml")
     run = subprocess.run(
@@ -81,6 +96,7 @@ def cli_error(argv: list[str], capsys) -> str:
         (["--cfg-path", "eval_configs", "--image", "nope.png"], "error: --cfg-path: 'eval_configs' is a folder, not a file"),
         (["--caption-dir", "nowhere", "--out", "c.jsonl"], "error: --caption-dir: no such folder 'nowhere'"),
         (["--image", str(REF / "img0.png"), "--max-new-tokens", "0"], "error: --max-new-tokens: must be at least 1, got 0"),
+        (["--image", str(REF / "img0.png"), "--decode", "graph"], "python -m minigpt4.chat: error: argument --decode: invalid choice: 'graph'"),
     ],
 )
 def test_arguments_are_checked_before_the_model_loads(args, message, capsys, monkeypatch):

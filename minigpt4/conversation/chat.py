@@ -57,7 +57,11 @@ class Chat:
     transformers compiles on a GPU (the first answer pays the compilation).
 
     ``engine`` generates (default: an in-process :class:`HFEngine` on ``model``); answering from
-    several threads at once is safe, and the in-process engine batches those answers.
+    several threads at once is safe, and the in-process engine batches those answers. ``decode``
+    is that default engine's way of writing an answer that runs alone: ``"generate"``
+    (transformers), or ``"static"``, our static-cache loop whose one-token step runs as one CUDA
+    graph on a GPU (:mod:`minigpt4.conversation.decode`; the same tokens under greedy decoding). The
+    static loop keeps no KV cache between turns: every answer prefills its whole context.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class Chat:
         generation: Mapping[str, Any] | None = None,
         model_type: str | None = None,
         engine: Engine | None = None,
+        decode: str = "generate",
     ):
         self.model = model
         self.vis_processor = vis_processor
@@ -87,7 +92,9 @@ class Chat:
         eos_ids = sorted(i for i in eos if i is not None)
         self.stop = StopCriteria(tokenizer, conv_template.stop_str, eos_ids)
         self.stopping_criteria = StoppingCriteriaList([self.stop])
-        self.engine = engine if engine is not None else HFEngine(model, self.stop)
+        if engine is not None and decode != "generate":
+            raise ValueError(f"decode={decode!r}: it sets up the engine Chat builds; pass it to your own engine instead")
+        self.engine = engine if engine is not None else HFEngine(model, self.stop, decode=decode)
 
     def new_conversation(self) -> Conversation:
         return self.conv_template.copy()

@@ -26,12 +26,14 @@ What transformers offers and what it does not:
   It is the exponential race (argmax of probs / Exp(1)), a sample from the same distribution as
   ``generate``'s multinomial but not the same numbers.
 
-Batch 1 only: one conversation; ``Chat.answer_batch`` keeps using ``generate`` for batches.
+Batch 1 only: one conversation. The in-process engine uses it for a request that runs alone when
+built with ``decode="static"`` (``HFEngine``, ``Chat``, ``load_chat``, ``serve --decode static``);
+batches keep using ``generate``.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import StaticCache
@@ -160,6 +162,7 @@ def stream_decode(
     generator: torch.Generator | None = None,
     steps_per_sync: int = 8,
     compile: bool = False,
+    suppress_first: Sequence[int] = (),
 ) -> Iterator[list[int]]:
     """The new token ids after ``inputs_embeds`` (1, positions, hidden), batch 1, up to and including
     the first stop, in chunks as they reach the host: the prefill's token alone, then up to
@@ -171,7 +174,9 @@ def stream_decode(
     device; None: the global RNG). ``steps_per_sync``: steps between host reads; up to
     ``steps_per_sync - 1`` steps past a stop are computed and dropped. ``compile``: the step as a
     CUDA graph (``torch.compile(mode="reduce-overhead")``; the first call per cache size compiles).
-    Run it in the model's autocast context, as ``generate`` is (``model.maybe_autocast``).
+    ``suppress_first``: token ids the first new token may not be (``generate``'s ``min_length=1``
+    keeps the EOS from it). Run it in the model's autocast context, as ``generate`` is
+    (``model.maybe_autocast``).
     """
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
         raise ValueError(f"inputs_embeds: expected (1, positions, hidden) for batch 1, got {tuple(inputs_embeds.shape)}")
@@ -212,6 +217,8 @@ def stream_decode(
 
     draw(0)
     logits = prefill(llm, b.cache, inputs_embeds)
+    if suppress_first:
+        logits[:, list(suppress_first)] = -float("inf")
     record(pick(logits, None if noise is None else noise[:1], b.temperature, b.top_p), *state)
     chunk, done = read(1, 0)
     yield chunk

@@ -13,6 +13,12 @@ engine's reply is cleaned the same way.
   settings, left-padded with an attention mask (as ``Chat.answer_batch``), each row stopped on its
   own and handed back as soon as it is done. Under greedy decoding a row gets the tokens it gets
   alone. A seeded sampling request runs alone, so its seed means what it says.
+  With ``decode="static"`` a request that runs alone is written by :mod:`~minigpt4.conversation.decode`
+  instead (a static cache, the one-token step as one CUDA graph on a GPU, the host reading the
+  tokens every ``steps_per_sync`` steps): the same tokens as ``generate`` under greedy decoding,
+  a sample from the same distribution when sampling. Batches of several requests still go to
+  ``generate``. It keeps no KV cache between turns (each answer prefills its whole context), and
+  refuses settings the loop does not have (``EngineRequestError``).
 - :class:`VLLMEngine` (``vllm``): the LLM runs on a vLLM server started with
   ``--enable-prompt-embeds``; the context goes to ``/v1/completions`` as ``prompt_embeds``. The
   vision side stays in-process, with ``Chat``.
@@ -40,13 +46,15 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from minigpt4.conversation.stopping import StopCriteria
+from minigpt4.conversation.decode import stream_decode
+from minigpt4.conversation.stopping import NO_TOKEN, StopCriteria
 from minigpt4.models.llm import LORA_MARKER
 
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 ENGINES = ("hf", "vllm")
+DECODES = ("generate", "static")  # how the hf engine writes a request that runs alone
 
 
 # ---- the interface -----------------------------------------------------------------------------
@@ -356,6 +364,40 @@ def batch_key(request: GenerationRequest) -> Hashable | None:
     return how + frozen
 
 
+# generate() options the static loop honours, with the values it can take, given the context's length.
+_STATIC_OPTIONS: dict[str, Callable[[Any, int], bool]] = {
+    "num_beams": lambda v, _: v == 1,
+    "num_return_sequences": lambda v, _: v == 1,
+    "repetition_penalty": lambda v, _: v == 1.0,
+    "length_penalty": lambda v, _: True,  # beam search only
+    # From context embeddings generate counts min_length over the context and the reply together:
+    # up to the context's length it changes nothing.
+    "min_length": lambda v, context: v is None or v <= context,
+    "min_new_tokens": lambda v, _: v is None or v <= 1,  # 1: the first new token is not an EOS
+    "cache_implementation": lambda v, _: v in (None, "static"),
+    "use_cache": lambda v, _: v is not False,
+}
+
+
+def static_options(request: GenerationRequest) -> None:
+    """Refuse, naming it, a setting the static decode loop does not have."""
+    for key, value in request.options.items():
+        allowed = _STATIC_OPTIONS.get(key)
+        if allowed is None or not allowed(value, request.prompt_tokens):
+            raise EngineRequestError(
+                f"{key}={value!r}: the static decode loop (decode='static') writes with greedy or top-p "
+                f"sampling alone; use decode='generate' for this setting"
+            )
+
+
+def first_token_suppressed(options: dict[str, Any], generation_config) -> list[int]:
+    """The EOS ids ``generate`` keeps from being the first new token (``min_new_tokens=1``)."""
+    eos = generation_config.eos_token_id
+    if not options.get("min_new_tokens") or eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
 @contextmanager
 def _seeded(seed: int | None, device: torch.device):
     """The global RNG seeded for one generate call, and given back as it was afterwards."""
@@ -374,10 +416,21 @@ class HFEngine(_BatchQueue, Engine):
     name = "hf"
     reuses_kv_cache = True
 
-    def __init__(self, model, stop: StopCriteria, max_batch: int = 32):
+    def __init__(self, model, stop: StopCriteria, max_batch: int = 32, decode: str = "generate",
+                 steps_per_sync: int = 8, compile: bool | None = None):
         super().__init__(max_batch, "minigpt4-hf-engine")
+        if decode not in DECODES:
+            raise ValueError(f"decode: expected one of {', '.join(DECODES)}, got {decode!r}")
+        if steps_per_sync < 1:
+            raise ValueError(f"steps_per_sync: must be at least 1, got {steps_per_sync}")
         self.model = model
         self.stop = stop
+        self.decode, self.steps_per_sync = decode, steps_per_sync
+        # decode static: the step as a CUDA graph where there is one (None: on a GPU).
+        self.compile = compile
+        # The static loop's cache lives with the loop, one per LLM: no conversation can hold it.
+        self.reuses_kv_cache = decode == "generate"
+        self._decoder: ThreadPoolExecutor | None = None
 
     def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         rows = [_Row(request, streaming=False) for request in requests]
@@ -404,6 +457,9 @@ class HFEngine(_BatchQueue, Engine):
         rows = [row for job in jobs for row in job.rows if not row.cancelled]
         if not rows:
             return
+        if self.decode == "static" and len(rows) == 1:
+            self._run_static(rows[0])
+            return
         first = rows[0].request
         kwargs = self._generate_kwargs(rows)
         # Beam search cannot stream, and a caller's own streamer takes the only place.
@@ -420,6 +476,63 @@ class HFEngine(_BatchQueue, Engine):
                 ids = self.stop.cut(ids)
             finish = row.finish if row.end is not None else ("length" if len(ids) >= row.request.sampling.max_new_tokens else "stop")
             row.complete(ids, finish)
+
+    def _run_static(self, row: _Row) -> None:
+        """One request by the static decode loop, on the engine's one decoding thread.
+
+        PyTorch keeps captured CUDA graphs per thread (its cudagraph trees are thread-local), and the
+        queue's worker thread ends whenever the queue empties: a thread of its own that lives as long
+        as the engine replays the graphs it captured, answer after answer.
+        """
+        with self._lock:
+            if self._decoder is None:
+                self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minigpt4-static-decode")
+        self._decoder.submit(self._static_reply, row).result()
+
+    def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True)
+            self._decoder = None
+
+    def _static_reply(self, row: _Row) -> None:
+        """One request by the static decode loop: its tokens to the row as each chunk reaches the host."""
+        request, llm = row.request, self.model.llama_model
+        static_options(request)
+        sampling, device = request.sampling, request.inputs_embeds.device
+        generator = None
+        if sampling.do_sample and request.seed is not None:
+            generator = torch.Generator(device).manual_seed(request.seed)
+        compile = device.type == "cuda" if self.compile is None else self.compile
+        suppress = first_token_suppressed(request.options, llm.generation_config)
+        tokenizer = self.model.llama_tokenizer
+        finish: FinishReason | None = None
+        chunks = stream_decode(
+            llm, request.inputs_embeds, sampling.max_new_tokens, self.stop, do_sample=sampling.do_sample,
+            temperature=sampling.temperature, top_p=sampling.top_p, generator=generator,
+            steps_per_sync=self.steps_per_sync, compile=compile, suppress_first=suppress,
+        )
+        with self.model.maybe_autocast(self.model.autocast_dtype):
+            try:
+                for chunk in chunks:
+                    for token in chunk:
+                        row.add(token)
+                        # The request's own stop strings, token by token as _RowStops checks them.
+                        if request.stop and any(s in tokenizer.decode(row.ids, skip_special_tokens=True) for s in request.stop):
+                            finish = "stop"
+                            break
+                    if finish is not None or row.cancelled:
+                        break
+            finally:
+                chunks.close()
+        if finish is None:
+            # The loop ends at the first stop or at max_new_tokens: a stop, if any, is the last token.
+            finish = "stop" if row.ids and not row.cancelled and self._ends_at_stop(row.ids) else "length"
+        row.complete(row.ids, finish)
+
+    def _ends_at_stop(self, ids: list[int]) -> bool:
+        """Whether the template's stop check fires on the last token of ``ids``."""
+        tail = ([NO_TOKEN] * self.stop.window + ids)[-self.stop.window :]
+        return bool(self.stop(torch.tensor([tail], device=self.stop.eos.device))[0])
 
     def _generate_kwargs(self, rows: list[_Row]) -> dict[str, Any]:
         first = rows[0].request

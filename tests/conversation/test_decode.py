@@ -223,3 +223,20 @@ def test_cuda_graph_greedy_equals_generate(tiny, steps_per_sync):
         reference = expected if prompt is embeds else generate(llm, prompt, N, stop)
         assert decode(llm, prompt, N, stop, steps_per_sync=steps_per_sync, compile=True) == reference
     assert decode(llm, embeds, N, vicuna, steps_per_sync=steps_per_sync, compile=True) == generate(llm, embeds, N, vicuna)
+
+
+@pytest.mark.slow
+def test_nano_chat_with_the_static_engine_answers_as_generate(nano_chat, tiny_images):
+    # Chat(decode="static"): what `serve --decode static` runs; the nano config decodes greedily.
+    plain = nano_chat
+    static = Chat(plain.model, plain.vis_processor, "cpu", plain.conv_template, generation=plain.generation, decode="static")
+    assert plain.generation["do_sample"] is False
+    for image, question in zip(tiny_images, ["Describe this image in detail.", "How many shapes are there?", "What colour is the square?"]):
+        replies = []
+        for chat in (plain, static):
+            conv, img_list = chat.new_conversation(), []
+            chat.upload_img(image, conv, img_list)
+            chat.ask(question, conv)
+            replies.append(chat.reply(conv, img_list))
+        assert replies[1].result.token_ids == replies[0].result.token_ids and replies[1].text == replies[0].text
+        assert replies[1].result.finish_reason == replies[0].result.finish_reason == "stop"

@@ -3,6 +3,7 @@
     python -m minigpt4.apps.serve                                 # the nano model, http://127.0.0.1:8000
     python -m minigpt4.apps.serve --cfg-path eval_configs/minigpt4_eval.yaml --api-key KEY
     python -m minigpt4.apps.serve --engine vllm --engine-url http://127.0.0.1:8001   # the LLM on a vLLM server
+    python -m minigpt4.apps.serve --cfg-path eval_configs/minigpt4_eval.yaml --decode static   # lone requests: one CUDA graph a step
 
 Images come inline as ``data:`` URLs; ``--allow-remote-images`` also fetches http(s) URLs from
 public addresses. SIGTERM (or Ctrl-C) stops accepting requests, finishes those in flight, then exits.
@@ -29,6 +30,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-id", type=int, default=0, help="GPU for the model (the hf engine) or the vision side (vllm)")
     parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers in this process; vllm: the LLM on a vLLM server")
     parser.add_argument("--engine-url", help="the vLLM server, e.g. http://127.0.0.1:8001 (started with --enable-prompt-embeds)")
+    parser.add_argument("--decode", choices=("generate", "static"), default="generate",
+                        help="the hf engine's way of writing a request that runs alone: transformers generate, or our "
+                             "static-cache loop (its step one CUDA graph on a GPU); batches always use generate")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", help="the model id clients name (default: minigpt4-<model_type>, e.g. minigpt4-nano)")
@@ -57,6 +61,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgumentError("--engine-url: the vllm engine needs the vLLM server's URL, e.g. http://127.0.0.1:8001")
     if args.engine_url and not args.engine_url.startswith(("http://", "https://")):
         raise ArgumentError(f"--engine-url: expected an http(s) URL, got '{args.engine_url}'")
+    if args.decode != "generate" and args.engine != "hf":
+        raise ArgumentError(f"--decode {args.decode}: the hf engine's; the {args.engine} engine decodes on its server")
     for flag in ("max_queue", "max_batch", "max_tokens", "max_images", "max_body_mb", "remote_image_mb", "remote_image_timeout"):
         if getattr(args, flag) <= 0:
             raise ArgumentError(f"--{flag.replace('_', '-')}: must be positive, got {getattr(args, flag)}")
@@ -74,7 +80,8 @@ def serve(args: argparse.Namespace) -> None:
 
     check_args(args)
     # Requests share no KV cache: a cache per conversation would keep each in a batch of its own.
-    chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=False, engine=args.engine, engine_url=args.engine_url)
+    chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=False, engine=args.engine, engine_url=args.engine_url,
+                     decode=args.decode)
     if hasattr(chat.engine, "max_batch"):
         chat.engine.max_batch = args.max_batch
     settings = ServeSettings(

@@ -1,0 +1,193 @@
+"""The hf engine with ``decode="static"``: Chat's answers written by the static decode loop.
+
+What a user of ``Chat(decode="static")`` (or ``serve --decode static``) meets: the same replies as
+``generate`` under greedy decoding, streamed, cut at the request's own stop strings, seeded samples
+that repeat, batches still batched, and a clear refusal of a setting the loop does not have.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+import torch
+
+from minigpt4.conversation import CONV_VISION_LLama2, CONV_VISION_Vicuna0, Chat
+from minigpt4.conversation.engines import EngineRequestError, HFEngine
+from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
+
+GREEDY = dict(do_sample=False, max_new_tokens=40)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TEMPLATES = {"vicuna0": CONV_VISION_Vicuna0, "llama2": CONV_VISION_LLama2}
+
+
+def chat_pair(tiny_models, variant: str) -> tuple[Chat, Chat]:
+    model = tiny_models[variant]
+    processor = Blip2ImageEvalProcessor(224)
+    plain = Chat(model, processor, "cpu", TEMPLATES[variant], reuse_kv_cache=False)
+    static = Chat(model, processor, "cpu", TEMPLATES[variant], decode="static")
+    assert static.engine.decode == "static" and not static.engine.reuses_kv_cache and static.engine.compile is None
+    return plain, static
+
+
+@pytest.fixture(scope="module", params=["vicuna0", "llama2"])
+def chats(tiny_models, request):
+    """The tiny Vicuna writes "###" after a few tokens; the tiny Llama-2 chat runs to the limit."""
+    return chat_pair(tiny_models, request.param)
+
+
+@pytest.fixture(scope="module")
+def long_chats(tiny_models):
+    return chat_pair(tiny_models, "llama2")
+
+
+def conversation(chat: Chat, image, question: str):
+    conv, img_list = chat.new_conversation(), []
+    chat.upload_img(image, conv, img_list)
+    chat.ask(question, conv)
+    return conv, img_list
+
+
+def test_greedy_replies_are_generates_over_two_turns(chats, tiny_images):
+    plain, static = chats
+    for image in tiny_images:
+        a, b = conversation(plain, image, "What is in the picture?"), conversation(static, image, "What is in the picture?")
+        for question in ("And what colour is it?", None):
+            expected, got = plain.reply(*a, **GREEDY), static.reply(*b, **GREEDY)
+            assert got.result.token_ids == expected.result.token_ids and got.text == expected.text
+            assert got.result.finish_reason == expected.result.finish_reason
+            assert got.result.completion_tokens == len(got.result.token_ids) and got.result.prompt_tokens == expected.result.prompt_tokens
+            assert b[0].kv_cache is None  # the loop's cache is its own: nothing kept on the conversation
+            if question:
+                plain.ask(question, a[0])
+                static.ask(question, b[0])
+
+
+def test_every_answer_decodes_on_the_same_thread(long_chats, tiny_images, monkeypatch):
+    # CUDA graphs captured by torch.compile belong to the thread that captured them.
+    from minigpt4.conversation import engines
+
+    _, static = long_chats
+    threads, original = [], engines.stream_decode
+
+    def recording(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engines, "stream_decode", recording)
+    for image in tiny_images:
+        static.reply(*conversation(static, image, "What is in the picture?"), **GREEDY)
+        time.sleep(0.2)  # the queue's worker thread ends when the queue is empty
+    assert len(threads) == 3 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+
+
+def test_a_reply_cut_by_max_new_tokens_ends_by_length(chats, tiny_images):
+    plain, static = chats
+    expected = plain.reply(*conversation(plain, tiny_images[0], "Describe it."), do_sample=False, max_new_tokens=3)
+    got = static.reply(*conversation(static, tiny_images[0], "Describe it."), do_sample=False, max_new_tokens=3)
+    assert got.result.token_ids == expected.result.token_ids and len(got.result.token_ids) <= 3
+    assert got.result.finish_reason == expected.result.finish_reason
+
+
+def test_streaming_shows_what_generate_shows(long_chats, tiny_images):
+    plain, static = long_chats
+    whole = static.reply(*conversation(static, tiny_images[1], "What is in the picture?"), **GREEDY)
+    parts = list(static.stream_reply(*conversation(static, tiny_images[1], "What is in the picture?"), **GREEDY))
+    assert parts[-1].text == whole.text and parts[-1].result.token_ids == whole.result.token_ids
+    assert all(p.result is None for p in parts[:-1]) and len(parts) > 5
+    # token by token, as generate's streamer hands them on: the same partial replies in the same order
+    expected = list(plain.stream_reply(*conversation(plain, tiny_images[1], "What is in the picture?"), **GREEDY))
+    assert [p.text for p in parts] == [p.text for p in expected]
+
+
+def test_the_requests_own_stop_string_cuts_where_generate_cuts(long_chats, tiny_images):
+    plain, static = long_chats
+    free = plain.reply(*conversation(plain, tiny_images[2], "What is in the picture?"), **GREEDY)
+    word = re.search(r"[a-z]{4,}", free.text[4:])
+    assert word, free.text
+    stop = (word.group(),)  # a word from inside the reply
+    expected = plain.reply(*conversation(plain, tiny_images[2], "What is in the picture?"), stop=stop, **GREEDY)
+    got = static.reply(*conversation(static, tiny_images[2], "What is in the picture?"), stop=stop, **GREEDY)
+    assert got.result.token_ids == expected.result.token_ids and got.text == expected.text
+    assert got.result.finish_reason == expected.result.finish_reason == "stop"
+    assert len(got.result.token_ids) < len(free.result.token_ids)
+
+
+def test_seeded_sampling_repeats(long_chats, tiny_images):
+    _, static = long_chats
+    settings = dict(do_sample=True, temperature=1.5, top_p=0.95, max_new_tokens=24)
+    first = static.reply(*conversation(static, tiny_images[0], "What is in the picture?"), seed=7, **settings)
+    torch.manual_seed(99)  # the seed alone decides
+    again = static.reply(*conversation(static, tiny_images[0], "What is in the picture?"), seed=7, **settings)
+    assert again.result.token_ids == first.result.token_ids
+    greedy = static.reply(*conversation(static, tiny_images[0], "What is in the picture?"), **GREEDY)
+    assert first.result.token_ids != greedy.result.token_ids[:24]  # it sampled
+
+
+def test_a_setting_the_loop_does_not_have_is_refused_by_name_and_the_engine_goes_on(long_chats, tiny_images):
+    plain, static = long_chats
+    with pytest.raises(EngineRequestError, match=r"repetition_penalty=1\.3: the static decode loop"):
+        static.reply(*conversation(static, tiny_images[0], "What is in the picture?"), repetition_penalty=1.3, **GREEDY)
+    expected = plain.reply(*conversation(plain, tiny_images[0], "What is in the picture?"), **GREEDY)
+    assert static.reply(*conversation(static, tiny_images[0], "What is in the picture?"), **GREEDY).text == expected.text
+
+
+def test_batches_still_go_to_generate(chats, tiny_images):
+    plain, static = chats
+    questions = ["What is in the picture?"] * len(tiny_images)
+    assert static.answer_batch(tiny_images, questions, **GREEDY) == plain.answer_batch(tiny_images, questions, **GREEDY)
+
+
+def test_wrong_settings_say_what_is_wrong(tiny_models):
+    model = tiny_models["vicuna0"]
+    chat = Chat(model, Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0)
+    with pytest.raises(ValueError, match="decode: expected one of generate, static, got 'graph'"):
+        HFEngine(model, chat.stop, decode="graph")
+    with pytest.raises(ValueError, match="steps_per_sync: must be at least 1, got 0"):
+        HFEngine(model, chat.stop, decode="static", steps_per_sync=0)
+    with pytest.raises(ValueError, match="decode='static': it sets up the engine Chat builds"):
+        Chat(model, Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0, engine=chat.engine, decode="static")
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_step_is_a_cuda_graph_and_the_replies_are_generates(tiny_models, tiny_images):
+    import copy
+
+    model = copy.deepcopy(tiny_models["llama2"]).cuda()
+    processor = Blip2ImageEvalProcessor(224)
+    plain = Chat(model, processor, "cuda", CONV_VISION_LLama2, reuse_kv_cache=False)
+    static = Chat(model, processor, "cuda", CONV_VISION_LLama2, decode="static")
+    for image in tiny_images:  # the first compiles and captures; the rest replay in the same bucket
+        expected = plain.reply(*conversation(plain, image, "What is in the picture?"), **GREEDY)
+        got = static.reply(*conversation(static, image, "What is in the picture?"), **GREEDY)
+        assert got.result.token_ids == expected.result.token_ids and got.text == expected.text
+
+
+def test_min_new_tokens_keeps_an_eos_from_the_first_token_as_generate_does(tiny_models, tiny_images):
+    import copy
+
+    model = copy.deepcopy(tiny_models["llama2"])
+    plain, _ = chat_pair({"llama2": model}, "llama2")
+    first = plain.reply(*conversation(plain, tiny_images[0], "What is in the picture?"), **GREEDY).result.token_ids[0]
+    model.llama_model.generation_config.eos_token_id = [first]  # the model's first word is now its EOS
+    plain, static = chat_pair({"llama2": model}, "llama2")
+    for settings in ({}, {"min_new_tokens": 1}):
+        expected = plain.reply(*conversation(plain, tiny_images[0], "What is in the picture?"), **GREEDY, **settings)
+        got = static.reply(*conversation(static, tiny_images[0], "What is in the picture?"), **GREEDY, **settings)
+        assert got.result.token_ids == expected.result.token_ids and got.result.finish_reason == expected.result.finish_reason
+        if settings:
+            assert got.result.token_ids[0] != first and len(got.result.token_ids) > 1
+        else:
+            assert got.result.token_ids == [first] and got.result.finish_reason == "stop"
+    with pytest.raises(EngineRequestError, match=r"min_new_tokens=2: the static decode loop"):
+        static.reply(*conversation(static, tiny_images[0], "What is in the picture?"), **GREEDY, min_new_tokens=2)
