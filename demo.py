@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-queue", type=int, default=64, help="events waiting in the queue before new ones are refused")
     parser.add_argument("--no-kv-cache", action="store_true", help="re-encode the whole conversation every turn, as the original")
     parser.add_argument("--decode", choices=("generate", "static"), default="generate",
-                        help="static: our decode loop, its step one CUDA graph on a GPU (no KV cache between turns)")
+                        help="static: our decode loop, its step one CUDA graph on a GPU (the KV cache is the loop's own)")
     return parser.parse_args()
 
 

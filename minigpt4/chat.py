@@ -248,7 +248,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="images per generate call when captioning")
     parser.add_argument("--no-kv-cache", action="store_true", help="re-encode the whole conversation every turn, as the original")
     parser.add_argument("--decode", choices=("generate", "static"), default="generate",
-                        help="static: our decode loop, its step one CUDA graph on a GPU (no KV cache between turns)")
+                        help="static: our decode loop, its step one CUDA graph on a GPU (the KV cache is the loop's own)")
     generation_args(parser)
     args = parser.parse_args(argv)
     if args.caption_dir is not None and args.out is None:

@@ -61,7 +61,8 @@ class Chat:
     is that default engine's way of writing an answer that runs alone: ``"generate"``
     (transformers), or ``"static"``, our static-cache loop whose one-token step runs as one CUDA
     graph on a GPU (:mod:`minigpt4.conversation.decode`; the same tokens under greedy decoding). The
-    static loop keeps no KV cache between turns: every answer prefills its whole context.
+    static loop keeps its own cache: an answer whose context starts as the last one's did (the next
+    turn of the same conversation) prefills only the rest; nothing is kept on the conversation.
     """
 
     def __init__(

@@ -9,7 +9,8 @@ operations alone). It reads and writes only fixed buffers and takes no decision 
 ``torch.compile(mode="reduce-overhead")`` captures it as one CUDA graph. The host loop replays it ``steps_per_sync``
 times, then copies the new tokens and the "done" flag to pinned memory (``non_blocking``) and
 reads them once: the GPU is never waited on between those steps. On the CPU the same code runs
-eagerly.
+eagerly. The cache outlives the answer, with a record of what it holds: the next answer whose
+context starts with the same embeddings (the next turn of the conversation) prefills only the rest.
 
 What transformers offers and what it does not:
 - ``StaticCache`` (fixed key/value tensors with static addresses, the filled length as a device
@@ -114,8 +115,41 @@ class _Buffers:
         self.host_state = torch.zeros(2, dtype=torch.long, pin_memory=pin)
         self.noise: torch.Tensor | None = None
         self.window: torch.Tensor | None = None
+        # The (positions, hidden) input embeddings whose keys and values the cache holds, in order:
+        # the last answer's context and the reply tokens fed back. None: nothing reusable.
+        self.held: torch.Tensor | None = None
+        self.reused = 0  # positions the last answer took from the cache instead of prefilling them
         for t in (self.tokens, self.written, self.count, self.done, self.temperature, self.top_p):
             torch._dynamo.mark_static_address(t)
+
+    def keep(self, inputs_embeds: torch.Tensor) -> int:
+        """How many leading positions of ``inputs_embeds`` (1, L, H) the cache already holds (at
+        most L - 1: the last one is prefilled for its logits); the cache is cut back to them."""
+        positions = min(0 if self.held is None else len(self.held), inputs_embeds.shape[1] - 1)
+        keep = 0
+        if positions > 0:
+            differ = (self.held[:positions] != inputs_embeds[0, :positions]).any(-1).nonzero()
+            keep = int(differ[0]) if len(differ) else positions
+        if keep == 0:
+            self.cache.reset()
+        else:
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(keep)
+        self.held, self.reused = None, keep  # held: None until this answer is done
+        return keep
+
+    def take_prefix(self, other: _Buffers, device: torch.device) -> None:
+        """``other``'s held positions (a cache of another size), copied into this cache."""
+        if other.held is None or not other.cache.layers[0].is_initialized:
+            return
+        keep = min(len(other.held), self.length - 1)
+        first = other.cache.layers[0]
+        self.cache.early_initialization(first.batch_size, first.num_heads, first.k_head_dim, first.keys.dtype, device)
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys[:, :, :keep].copy_(theirs.keys[:, :, :keep])
+            mine.values[:, :, :keep].copy_(theirs.values[:, :, :keep])
+            mine.cumulative_length.fill_(keep)
+        self.held = other.held[:keep]
 
     def static(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """``value`` in the buffer ``name``, reallocated (a new graph) only when its shape changes."""
@@ -134,6 +168,13 @@ class _Buffers:
 _buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def forget(llm) -> None:
+    """Let the next call prefill its whole context (a cold start), whatever the cache holds."""
+    held = _buffers.get(llm)
+    if held is not None:
+        held.held = None
+
+
 def on_device(stop: StopCriteria, device: torch.device) -> None:
     """``stop``'s tables on ``device``, at addresses a captured graph may keep (no copy per replay)."""
     stop.to(device)
@@ -145,8 +186,10 @@ def on_device(stop: StopCriteria, device: torch.device) -> None:
 def buffers_for(llm, length: int, device: torch.device) -> _Buffers:
     held = _buffers.get(llm)
     if held is None or held.length != length or held.tokens.device != device:
-        _buffers.pop(llm, None)  # free the old cache first
+        old = _buffers.pop(llm, None)
         held = _buffers[llm] = _Buffers(llm, length, device)
+        if old is not None and old.tokens.device == device:
+            held.take_prefix(old, device)  # the conversation goes on in a cache of another size
     return held
 
 
@@ -163,6 +206,7 @@ def stream_decode(
     steps_per_sync: int = 8,
     compile: bool = False,
     suppress_first: Sequence[int] = (),
+    cache_positions: int = 0,
 ) -> Iterator[list[int]]:
     """The new token ids after ``inputs_embeds`` (1, positions, hidden), batch 1, up to and including
     the first stop, in chunks as they reach the host: the prefill's token alone, then up to
@@ -175,8 +219,13 @@ def stream_decode(
     ``steps_per_sync - 1`` steps past a stop are computed and dropped. ``compile``: the step as a
     CUDA graph (``torch.compile(mode="reduce-overhead")``; the first call per cache size compiles).
     ``suppress_first``: token ids the first new token may not be (``generate``'s ``min_length=1``
-    keeps the EOS from it). Run it in the model's autocast context, as ``generate`` is
-    (``model.maybe_autocast``).
+    keeps the EOS from it). ``cache_positions``: the least size of the static cache (e.g. the chat's
+    ``max_length``: one cache, and one captured graph, for every turn of a conversation that fits).
+    Run it in the model's autocast context, as ``generate`` is (``model.maybe_autocast``).
+
+    The cache is kept after the answer with what it holds (the context and the reply's tokens fed
+    back): a next call whose context starts with the same embeddings prefills only the rest, also
+    when it needs a cache of another size (the held positions are copied over).
     """
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
         raise ValueError(f"inputs_embeds: expected (1, positions, hidden) for batch 1, got {tuple(inputs_embeds.shape)}")
@@ -185,8 +234,8 @@ def stream_decode(
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise ValueError(f"temperature {temperature}, top_p {top_p}: sampling needs temperature > 0 and 0 < top_p <= 1")
     device = inputs_embeds.device
-    b = buffers_for(llm, cache_length(inputs_embeds.shape[1] + max_new_tokens), device)
-    b.cache.reset()
+    b = buffers_for(llm, cache_length(max(inputs_embeds.shape[1] + max_new_tokens, cache_positions)), device)
+    keep = b.keep(inputs_embeds)
     for t in (b.written, b.count, b.done):
         t.zero_()
     window = b.static("window", torch.full((stop.window if stop is not None else 1,), NO_TOKEN, dtype=torch.long, device=device))
@@ -216,25 +265,34 @@ def stream_decode(
         return b.host_tokens[emitted:count].tolist(), bool(done)
 
     draw(0)
-    logits = prefill(llm, b.cache, inputs_embeds)
+    logits = prefill(llm, b.cache, inputs_embeds[:, keep:])
     if suppress_first:
         logits[:, list(suppress_first)] = -float("inf")
     record(pick(logits, None if noise is None else noise[:1], b.temperature, b.top_p), *state)
-    chunk, done = read(1, 0)
-    yield chunk
-    written, emitted = 1, len(chunk)
-    while not done and written < max_new_tokens:
-        steps = min(steps_per_sync, max_new_tokens - written)
-        for i in range(steps):
-            draw(written + i)
-            if compile:
-                torch.compiler.cudagraph_mark_step_begin()  # nothing of the last replay is kept
-            step(llm, b.cache, *state, noise, b.temperature, b.top_p)
-        written += steps
-        chunk, done = read(written, emitted)
-        emitted += len(chunk)
-        if chunk:
-            yield chunk
+    written, emitted = 1, 0
+    try:
+        chunk, done = read(1, 0)
+        emitted = len(chunk)
+        yield chunk
+        while not done and written < max_new_tokens:
+            steps = min(steps_per_sync, max_new_tokens - written)
+            for i in range(steps):
+                draw(written + i)
+                if compile:
+                    torch.compiler.cudagraph_mark_step_begin()  # nothing of the last replay is kept
+                step(llm, b.cache, *state, noise, b.temperature, b.top_p)
+            written += steps
+            chunk, done = read(written, emitted)
+            emitted += len(chunk)
+            if chunk:
+                yield chunk
+    except GeneratorExit:  # the caller stopped reading: what the cache holds is still known
+        pass
+    # (Any other error leaves b.held None: nothing is reused from a cache in an unknown state.)
+    # The cache holds the context and every token fed back (all but the last written); of those,
+    # the reply's (up to its stop) are what a next turn can start with.
+    fed = min(written - 1, emitted)
+    b.held = torch.cat([inputs_embeds[0], llm.get_input_embeddings()(b.tokens[:fed]).to(inputs_embeds.dtype)])
 
 
 def decode(llm, inputs_embeds: torch.Tensor, max_new_tokens: int, *args: Any,

@@ -17,7 +17,8 @@ engine's reply is cleaned the same way.
   instead (a static cache, the one-token step as one CUDA graph on a GPU, the host reading the
   tokens every ``steps_per_sync`` steps): the same tokens as ``generate`` under greedy decoding,
   a sample from the same distribution when sampling. Batches of several requests still go to
-  ``generate``. It keeps no KV cache between turns (each answer prefills its whole context), and
+  ``generate``. The loop keeps the last answer's positions in its own cache, so a request whose
+  context starts the same way (the next turn of that conversation) prefills only the rest. It
   refuses settings the loop does not have (``EngineRequestError``).
 - :class:`VLLMEngine` (``vllm``): the LLM runs on a vLLM server started with
   ``--enable-prompt-embeds``; the context goes to ``/v1/completions`` as ``prompt_embeds``. The

@@ -123,7 +123,7 @@ def test_decode_static_times_the_static_loop_next_to_generate(static_run, run):
     assert finite(static["decode_tokens_per_s"]) and static["decode_tokens_per_s"] > 0
     assert finite(static["ttft_s"]["median_s"]) and static["ttft_s"]["median_s"] > 0
     assert static["vs_generate"] == pytest.approx(static["decode_tokens_per_s"] / default["decode_tokens_per_s"])
-    assert lines[-4].startswith("static decode (fp16, default, eager, sync every 4): ") and lines[-1].startswith("goals: ")
+    assert lines[-5].startswith("static decode (fp16, default, eager, sync every 4): ") and lines[-1].startswith("goals: ")
     assert "static_decode" not in run[0]["runs"]["none"]["default"]  # --decode generate (the default) leaves it out
 
 
@@ -145,3 +145,13 @@ def test_decode_static_checks_its_greedy_tokens_against_generate(static_run):
     assert 0 < check["compared"] <= 24 and check["generate_stopped_at_eos"] == (check["compared"] < 24)
     assert check["equal"] is True and check["first_difference"] is None
     assert lines[-3] == f"static decode, greedy: the same tokens as generate over {check['compared']}"
+
+
+def test_decode_static_turn_2_prefills_only_the_question(static_run):
+    record, lines = static_run
+    static = record["runs"]["none"]["default"]["static_decode"]
+    assert static["ttft_turn2_s"]["iters"] == 1 and finite(static["ttft_turn2_s"]["median_s"])
+    # turn 1's context and its reply (all but the last token, never fed back) come from the cache
+    question = static["turn2_context_positions"] - static["context_positions"] - static["decode_tokens"]
+    assert static["turn2_prefilled_positions"] == question + 1 and question > 5
+    assert lines[-4].startswith(f"static decode, turn 2: TTFT ") and f"{question + 1} of {static['turn2_context_positions']} positions prefilled" in lines[-4]

@@ -12,7 +12,7 @@ from transformers import StoppingCriteriaList
 from conftest import first_stop, text_of
 from minigpt4.conversation import CONV_VISION_Vicuna0, Chat, StopCriteria
 from minigpt4.conversation import decode as decode_module
-from minigpt4.conversation.decode import cache_length, decode, record
+from minigpt4.conversation.decode import cache_length, decode, record, stream_decode
 from minigpt4.conversation.stopping import NO_TOKEN
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
@@ -150,6 +150,50 @@ def test_cache_is_bucketed_and_kept_between_answers(tiny):
     shorter = embeds[:, 1:]
     assert decode(llm, shorter, 9) == generate(llm, shorter, 9)
     assert decode_module._buffers[llm] is held
+
+
+def follow_up(llm, context: torch.Tensor, reply: list[int], tokenizer, question: str = " ###Human: And then?") -> torch.Tensor:
+    """The next turn's context: this one, the reply's tokens and a question, as embeddings."""
+    ids = torch.tensor(reply + tokenizer(question, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        return torch.cat([context, llm.get_input_embeddings()(ids).unsqueeze(0)], dim=1)
+
+
+def test_a_follow_up_prefills_only_what_it_adds(tiny):
+    llm, embeds, tokenizer, free = tiny
+    first = decode(llm, embeds, 20)
+    assert first == free[:20]
+    second = follow_up(llm, embeds, first, tokenizer)
+    # The cache holds the context and the 19 tokens fed back; the 20th and the question are new.
+    assert decode(llm, second, 20) == generate(llm, second, 20)
+    assert decode_module._buffers[llm].reused == embeds.shape[1] + 19
+    # A third turn outgrows the bucket: the conversation so far is copied into the larger cache.
+    third = follow_up(llm, second, generate(llm, second, 40), tokenizer)
+    assert cache_length(third.shape[1] + 40) > decode_module._buffers[llm].length
+    assert decode(llm, third, 40) == generate(llm, third, 40)
+    assert decode_module._buffers[llm].reused == second.shape[1] + 19  # the second answer's context and 19 of its 20 tokens
+
+
+def test_another_context_reuses_only_what_it_shares(tiny, tiny_models, tiny_images):
+    llm, embeds, tokenizer, free = tiny
+    decode(llm, embeds, 8)
+    chat = Chat(tiny_models["vicuna0"], Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0)
+    other = context(chat, tiny_images[2], "What is in the picture?")  # another image: the system prompt is shared
+    shared = int((other[0, : embeds.shape[1]] == embeds[0, : other.shape[1]]).all(-1).long().cumprod(0).sum())
+    assert 0 < shared < embeds.shape[1]
+    assert decode(llm, other, N) == generate(llm, other, N)
+    assert decode_module._buffers[llm].reused == shared
+
+
+def test_a_reply_left_early_is_reused_as_far_as_it_was_read(tiny):
+    llm, embeds, tokenizer, free = tiny
+    chunks = stream_decode(llm, embeds, N, steps_per_sync=8)
+    read = next(chunks) + next(chunks)  # the first token, then eight: nine steps' keys are in the cache
+    chunks.close()
+    assert read == free[:9]
+    second = follow_up(llm, embeds, read, tokenizer)
+    assert decode(llm, second, 16) == generate(llm, second, 16)
+    assert decode_module._buffers[llm].reused == embeds.shape[1] + 8
 
 
 def sample(llm, embeds, seed: int, steps_per_sync: int = 8, **kwargs) -> list[int]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from minigpt4.conversation import CONV_VISION_LLama2, CONV_VISION_Vicuna0, Chat
+from minigpt4.conversation import decode as decode_module
 from minigpt4.conversation.engines import EngineRequestError, HFEngine
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
@@ -62,12 +63,16 @@ def test_greedy_replies_are_generates_over_two_turns(chats, tiny_images):
     plain, static = chats
     for image in tiny_images:
         a, b = conversation(plain, image, "What is in the picture?"), conversation(static, image, "What is in the picture?")
+        previous = None
         for question in ("And what colour is it?", None):
             expected, got = plain.reply(*a, **GREEDY), static.reply(*b, **GREEDY)
             assert got.result.token_ids == expected.result.token_ids and got.text == expected.text
             assert got.result.finish_reason == expected.result.finish_reason
             assert got.result.completion_tokens == len(got.result.token_ids) and got.result.prompt_tokens == expected.result.prompt_tokens
             assert b[0].kv_cache is None  # the loop's cache is its own: nothing kept on the conversation
+            if previous is not None:  # the second turn starts from what the first left in the loop's cache
+                assert decode_module._buffers[static.model.llama_model].reused >= previous.prompt_tokens
+            previous = got.result
             if question:
                 plain.ask(question, a[0])
                 static.ask(question, b[0])
