@@ -1,8 +1,8 @@
 """Decoding one conversation fast: prefill, then a one-token step that runs as one CUDA graph.
 
 gpt-fast's ``generate.py`` on a transformers LLM. :func:`prefill` runs the prompt once, eagerly,
-into a static KV cache sized to the prompt + ``max_new_tokens`` rounded up to a multiple of 64 (so
-every prompt in a bucket reuses one compiled graph). :func:`decode_one_token` is the whole step on
+into a static KV cache sized to the prompt + ``max_new_tokens`` rounded up to a power of two (so
+every prompt in a bucket reuses one compiled graph, and a conversation meets few buckets). :func:`decode_one_token` is the whole step on
 the device: embed the last token, the LLM forward on it, the LM head, argmax or sampling, and the
 stop check (EOS, and the stop text in any spelling: transformers' ``StopStringCriteria``, tensor
 operations alone). It reads and writes only fixed buffers and takes no decision on the host, so
@@ -34,6 +34,7 @@ batches keep using ``generate``.
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -41,12 +42,21 @@ from transformers import StaticCache
 
 from minigpt4.conversation.stopping import NO_TOKEN, StopCriteria
 
-CACHE_MULTIPLE = 64
+SMALLEST_CACHE = 64
+# Compiled variants of the step: one per cache size, times greedy or sampled, with or without a
+# stop check. Dynamo's default of 8 would be reached in one long conversation (and with
+# fullgraph=True that is an error, not a slow-down).
+RECOMPILE_LIMIT = 64
 
 
-def cache_length(positions: int, multiple: int = CACHE_MULTIPLE) -> int:
-    """``positions`` rounded up to a multiple of ``multiple``: one compiled graph per bucket."""
-    return -(-positions // multiple) * multiple
+def cache_length(positions: int, smallest: int = SMALLEST_CACHE) -> int:
+    """``positions`` rounded up to a power of two, at least ``smallest``: a conversation meets few
+    cache sizes, so few compilations (each costs seconds on a GPU) and few captured graphs; the
+    price is attention over at most twice the filled positions."""
+    length = smallest
+    while length < positions:
+        length *= 2
+    return length
 
 
 def pick(logits: torch.Tensor, noise: torch.Tensor | None, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -276,11 +286,12 @@ def stream_decode(
         yield chunk
         while not done and written < max_new_tokens:
             steps = min(steps_per_sync, max_new_tokens - written)
-            for i in range(steps):
-                draw(written + i)
-                if compile:
-                    torch.compiler.cudagraph_mark_step_begin()  # nothing of the last replay is kept
-                step(llm, b.cache, *state, noise, b.temperature, b.top_p)
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if compile else nullcontext():
+                for i in range(steps):
+                    draw(written + i)
+                    if compile:
+                        torch.compiler.cudagraph_mark_step_begin()  # nothing of the last replay is kept
+                    step(llm, b.cache, *state, noise, b.temperature, b.top_p)
             written += steps
             chunk, done = read(written, emitted)
             emitted += len(chunk)

@@ -142,10 +142,11 @@ def test_device_stop_check_agrees_with_the_oracle(tiny):
 
 def test_cache_is_bucketed_and_kept_between_answers(tiny):
     llm, embeds, _, free = tiny
-    assert cache_length(1) == cache_length(64) == 64 and cache_length(65) == 128
+    assert cache_length(1) == cache_length(64) == 64 and cache_length(65) == 128 and cache_length(129) == cache_length(256) == 256
+    assert cache_length(1000) == 1024
     decode(llm, embeds, 8)
     held = decode_module._buffers[llm]
-    assert held.length == cache_length(embeds.shape[1] + 8) and held.length % 64 == 0
+    assert held.length == cache_length(embeds.shape[1] + 8) and held.length >= 64 and held.length & (held.length - 1) == 0
     # A shorter prompt in the same bucket reuses the cache (its graph, on a GPU) and still decodes right.
     shorter = embeds[:, 1:]
     assert decode(llm, shorter, 9) == generate(llm, shorter, 9)
@@ -230,6 +231,30 @@ def test_the_step_traces_as_one_graph(tiny):
         assert decode(llm, embeds, N, eos, compile=True) == free
         assert decode(llm, embeds, N, vicuna, compile=True) == expected
         assert decode(llm, embeds, 24, vicuna, do_sample=True, generator=torch.Generator().manual_seed(0), compile=True)
+    finally:
+        decode_module._compiled.clear()
+
+
+@pytest.mark.slow
+def test_a_long_conversation_compiles_once_per_cache_size_and_never_hits_the_limit(tiny):
+    # Five cache sizes, greedy and sampled: ten variants of the step, past dynamo's default limit of
+    # 8, which with fullgraph=True would end the answer with an error. Traced with the eager backend.
+    from torch._dynamo.utils import counters
+
+    llm, embeds, _, _ = tiny
+    decode_module._compiled["step"] = torch.compile(decode_module.decode_one_token, backend="eager", fullgraph=True, dynamic=False)
+    counters.clear()
+    try:
+        embed = llm.get_input_embeddings()
+        sizes = set()
+        for positions in (20, 100, 200, 400, 800):
+            with torch.no_grad():
+                context = embed(torch.arange(positions) % 200 + 3).unsqueeze(0)
+            assert decode(llm, context, 6, compile=True) == generate(llm, context, 6)
+            assert decode(llm, context, 6, do_sample=True, generator=torch.Generator().manual_seed(0), compile=True)
+            sizes.add(decode_module._buffers[llm].length)
+        assert sizes == {64, 128, 256, 512, 1024}
+        assert counters["stats"]["unique_graphs"] == 10
     finally:
         decode_module._compiled.clear()
 
