@@ -10,7 +10,9 @@ operations alone). It reads and writes only fixed buffers and takes no decision 
 times, then copies the new tokens and the "done" flag to pinned memory (``non_blocking``) and
 reads them once: the GPU is never waited on between those steps. On the CPU the same code runs
 eagerly. The cache outlives the answer, with a record of what it holds: the next answer whose
-context starts with the same embeddings (the next turn of the conversation) prefills only the rest.
+context starts with the same embeddings (the next turn of the conversation) prefills only the rest,
+and with ``compile`` that prefill, padded to a power of two, is captured as a graph too
+(:func:`prefill_padded`): a follow-up's tens of positions cost a replay, not hundreds of launches.
 
 What transformers offers and what it does not:
 - ``StaticCache`` (fixed key/value tensors with static addresses, the filled length as a device
@@ -47,6 +49,9 @@ SMALLEST_CACHE = 64
 # stop check. Dynamo's default of 8 would be reached in one long conversation (and with
 # fullgraph=True that is an error, not a slow-down).
 RECOMPILE_LIMIT = 64
+# The prefill of a turn's new positions, padded to a power of two, is captured too (a follow-up's
+# question is tens of positions, whose prefill a GPU spends launching kernels, not computing).
+SMALLEST_PREFILL, LARGEST_PREFILL = 16, 512
 
 
 def cache_length(positions: int, smallest: int = SMALLEST_CACHE) -> int:
@@ -91,6 +96,25 @@ def prefill(llm, cache: StaticCache, inputs_embeds: torch.Tensor) -> torch.Tenso
     return llm(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
+def prefill_padded(llm, cache: StaticCache, padded: torch.Tensor, last: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """:func:`prefill` of ``padded`` (1, P, H), whose last ``pad`` positions are padding after the
+    real ones (``last``: (1,), the index of the last real one): one fixed shape per ``P``, so it can
+    be captured as a graph. The padding's keys and values land after the real ones and the cache's
+    length is cut back past them: the next position overwrites them, and nothing attends to them."""
+    logits = llm(inputs_embeds=padded, cache=cache, use_cache=True, logits_to_keep=last).logits[:, -1]
+    for layer in cache.layers:
+        layer.cumulative_length.sub_(pad)
+    return logits
+
+
+def prefill_length(positions: int) -> int | None:
+    """The captured prefill's size for ``positions`` new positions: a power of two from
+    ``SMALLEST_PREFILL``, or None past ``LARGEST_PREFILL`` (a long first prompt runs eagerly: its
+    arithmetic, not the launches, is what it costs)."""
+    length = cache_length(positions, SMALLEST_PREFILL)
+    return length if length <= LARGEST_PREFILL else None
+
+
 def decode_one_token(llm, cache: StaticCache, tokens, written, count, done, window, stop, noise, temperature, top_p) -> None:
     """One step, all on the device and in place: what one CUDA graph replays."""
     last = tokens.index_select(0, written - 1)
@@ -108,6 +132,31 @@ def compiled_step() -> Callable:
         # dynamic=False: each cache bucket gets its own graph instead of one with symbolic shapes.
         _compiled["step"] = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return _compiled["step"]
+
+
+def compiled_prefill() -> Callable:
+    if "prefill" not in _compiled:
+        # One graph per (cache size, padded length).
+        _compiled["prefill"] = torch.compile(prefill_padded, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return _compiled["prefill"]
+
+
+def run_prefill(llm, b: _Buffers, new: torch.Tensor, compile: bool) -> torch.Tensor:
+    """(1, V) logits after prefilling ``new`` (1, N, H) into ``b.cache`` after what it keeps: captured
+    and padded when ``compile`` and the padded positions fit (the cache must already exist: a graph
+    cannot allocate it), else eagerly."""
+    positions = new.shape[1]
+    padded_length = prefill_length(positions) if compile else None
+    filled = int(b.cache.get_seq_length()) if b.cache.layers[0].is_initialized else None
+    if padded_length is None or filled is None or filled + padded_length > b.length:
+        return prefill(llm, b.cache, new)
+    padded = torch.zeros(1, padded_length, new.shape[2], dtype=new.dtype, device=new.device)
+    padded[:, :positions] = new
+    last = torch.tensor([positions - 1], device=new.device)
+    pad = torch.tensor(padded_length - positions, device=new.device)
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled_prefill()(llm, b.cache, padded, last, pad).clone()  # the graph's output is overwritten next replay
 
 
 class _Buffers:
@@ -275,7 +324,7 @@ def stream_decode(
         return b.host_tokens[emitted:count].tolist(), bool(done)
 
     draw(0)
-    logits = prefill(llm, b.cache, inputs_embeds[:, keep:])
+    logits = run_prefill(llm, b, inputs_embeds[:, keep:], compile)
     if suppress_first:
         logits[:, list(suppress_first)] = -float("inf")
     record(pick(logits, None if noise is None else noise[:1], b.temperature, b.top_p), *state)

@@ -227,6 +227,7 @@ def test_the_step_traces_as_one_graph(tiny):
     vicuna, eos = stops(tokenizer), stops(tokenizer, None)
     expected = free[: first_stop(tokenizer, free, "###", [tokenizer.eos_token_id])]
     decode_module._compiled["step"] = torch.compile(decode_module.decode_one_token, backend="eager", fullgraph=True, dynamic=False)
+    decode_module._compiled["prefill"] = torch.compile(decode_module.prefill_padded, backend="eager", fullgraph=True, dynamic=False)
     try:
         assert decode(llm, embeds, N, eos, compile=True) == free
         assert decode(llm, embeds, N, vicuna, compile=True) == expected
@@ -237,12 +238,14 @@ def test_the_step_traces_as_one_graph(tiny):
 
 @pytest.mark.slow
 def test_a_long_conversation_compiles_once_per_cache_size_and_never_hits_the_limit(tiny):
-    # Five cache sizes, greedy and sampled: ten variants of the step, past dynamo's default limit of
-    # 8, which with fullgraph=True would end the answer with an error. Traced with the eager backend.
+    # Five cache sizes, greedy and sampled: ten variants of the step (and more of the prefill), past
+    # dynamo's default limit of 8, which with fullgraph=True would end the answer with an error.
+    # Traced with the eager backend.
     from torch._dynamo.utils import counters
 
     llm, embeds, _, _ = tiny
     decode_module._compiled["step"] = torch.compile(decode_module.decode_one_token, backend="eager", fullgraph=True, dynamic=False)
+    decode_module._compiled["prefill"] = torch.compile(decode_module.prefill_padded, backend="eager", fullgraph=True, dynamic=False)
     counters.clear()
     try:
         embed = llm.get_input_embeddings()
@@ -254,7 +257,41 @@ def test_a_long_conversation_compiles_once_per_cache_size_and_never_hits_the_lim
             assert decode(llm, context, 6, do_sample=True, generator=torch.Generator().manual_seed(0), compile=True)
             sizes.add(decode_module._buffers[llm].length)
         assert sizes == {64, 128, 256, 512, 1024}
-        assert counters["stats"]["unique_graphs"] == 10
+        # ten variants of the step, and the captured prefills of the contexts that grew from the last
+        assert counters["stats"]["unique_graphs"] >= 10
+    finally:
+        decode_module._compiled.clear()
+
+
+@pytest.mark.slow
+def test_a_follow_ups_prefill_runs_padded_in_the_graph_and_gives_generates_tokens(tiny):
+    # compile=True on the CPU, traced with the eager backend: the prefill of a turn's new positions
+    # runs padded to a power of two through the compiled function, and the reply is generate's.
+    llm, embeds, tokenizer, free = tiny
+    padded_lengths = []
+    traced = torch.compile(decode_module.prefill_padded, backend="eager", fullgraph=True, dynamic=False)
+
+    def counting(llm_, cache, padded, last, pad):
+        padded_lengths.append((padded.shape[1], int(last) + 1, int(pad)))
+        return traced(llm_, cache, padded, last, pad)
+
+    decode_module._compiled["step"] = torch.compile(decode_module.decode_one_token, backend="eager", fullgraph=True, dynamic=False)
+    decode_module._compiled["prefill"] = counting
+    try:
+        decode_module.forget(llm)
+        decode_module._buffers.pop(llm, None)  # a fresh cache: the first prefill runs eagerly
+        first = decode(llm, embeds, 20, compile=True)
+        assert first == free[:20] and padded_lengths == []
+        second = follow_up(llm, embeds, first, tokenizer)
+        assert decode(llm, second, 20, compile=True) == generate(llm, second, 20)
+        new = second.shape[1] - decode_module._buffers[llm].reused
+        assert padded_lengths == [(cache_length(new, 16), new, cache_length(new, 16) - new)]
+        reply = generate(llm, second, 20)
+        third = follow_up(llm, second, reply, tokenizer, " ###Human: And what is on the left of it, and what colour is that one?")
+        assert decode(llm, third, 12, compile=True) == generate(llm, third, 12)
+        assert len(padded_lengths) == 2 and padded_lengths[1][0] != padded_lengths[0][0]  # another padded size
+        stop = stops(tokenizer)
+        assert decode(llm, third, N, stop, compile=True) == generate(llm, third, N, stop)  # and with the stop check
     finally:
         decode_module._compiled.clear()
 
