@@ -379,15 +379,16 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
     runs = [once() for _ in range(args.repeats)]
 
     # Turn 2: turn 1's context, its reply's tokens and the second question. The loop's cache still
-    # holds turn 1 (context and reply), so only the question is prefilled. Every repeat first
-    # replays turn 1 (untimed) to put the cache back where a chat would find it.
+    # holds turn 1 (context and reply), so only the question is prefilled. Every repeat first cuts
+    # what the cache holds back to turn 1 (forget(after=...)), where a chat would find it.
     reply = decode_with(embeds, n)
+    turn1_held = embeds.shape[1] + n - 1  # the last token is never fed back
     question = model.llama_tokenizer(f"###Human: {QUESTION_2}###Assistant:", add_special_tokens=False).input_ids
     with torch.no_grad():
         turn2 = torch.cat([embeds, llm.get_input_embeddings()(torch.tensor(reply + question, device=embeds.device)).unsqueeze(0)], dim=1)
 
     def turn2_once() -> float:
-        decode_with(embeds, n)
+        forget(llm, after=turn1_held)
         common.synchronize(chat.device)
         with model.maybe_autocast(model.autocast_dtype):
             start = time.perf_counter()

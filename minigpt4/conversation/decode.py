@@ -227,11 +227,12 @@ class _Buffers:
 _buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def forget(llm) -> None:
-    """Let the next call prefill its whole context (a cold start), whatever the cache holds."""
-    held = _buffers.get(llm)
-    if held is not None:
-        held.held = None
+def forget(llm, after: int = 0) -> None:
+    """Let the next call reuse at most the first ``after`` positions the cache holds (0: a cold
+    start, its whole context prefilled)."""
+    buffers = _buffers.get(llm)
+    if buffers is not None and buffers.held is not None:
+        buffers.held = buffers.held[:after] if after > 0 else None
 
 
 def on_device(stop: StopCriteria, device: torch.device) -> None:

@@ -16,15 +16,9 @@ from minigpt4.conversation.decode import cache_length, decode, record, stream_de
 from minigpt4.conversation.stopping import NO_TOKEN
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N = 48  # new tokens: six chunks of 8 after the first token
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: a second thread only adds waiting
-    yield
-    torch.set_num_threads(threads)
 
 
 def context(chat: Chat, image, question: str) -> torch.Tensor:
@@ -184,6 +178,18 @@ def test_another_context_reuses_only_what_it_shares(tiny, tiny_models, tiny_imag
     assert 0 < shared < embeds.shape[1]
     assert decode(llm, other, N) == generate(llm, other, N)
     assert decode_module._buffers[llm].reused == shared
+
+
+def test_forget_cuts_what_the_next_call_may_reuse(tiny):
+    llm, embeds, tokenizer, free = tiny
+    first = decode(llm, embeds, 12)
+    second = follow_up(llm, embeds, first, tokenizer)
+    decode_module.forget(llm, after=embeds.shape[1] + 4)
+    assert decode(llm, second, 8) == generate(llm, second, 8)
+    assert decode_module._buffers[llm].reused == embeds.shape[1] + 4
+    decode_module.forget(llm)
+    assert decode(llm, second, 8) == generate(llm, second, 8)
+    assert decode_module._buffers[llm].reused == 0
 
 
 def test_a_reply_left_early_is_reused_as_far_as_it_was_read(tiny):

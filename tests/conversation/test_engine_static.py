@@ -18,15 +18,9 @@ from minigpt4.conversation import decode as decode_module
 from minigpt4.conversation.engines import EngineRequestError, HFEngine
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GREEDY = dict(do_sample=False, max_new_tokens=40)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TEMPLATES = {"vicuna0": CONV_VISION_Vicuna0, "llama2": CONV_VISION_LLama2}

@@ -16,18 +16,11 @@ from minigpt4.conversation import CONV_VISION_LLama2, CONV_VISION_SmolLM2, CONV_
 from minigpt4.conversation.kv_cache import PrefixCache, common_prefix
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 QUESTIONS = ["What is in the picture?", "Which colour is it?", "And the shape on the left?"]
 # Greedy; byte pieces, unk and BOS suppressed so replies are words of the tiny vocabularies.
 GREEDY = dict(do_sample=False, max_new_tokens=8, suppress_tokens=[0, 1, *range(3, 259)])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: a second thread only adds waiting, a lot of it on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
