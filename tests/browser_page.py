@@ -44,13 +44,15 @@ class DemoPage:
     def upload(self, path: Path) -> None:
         from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-        # A page still hydrating can drop the file input's change event: give it the file again.
+        # A page still hydrating can drop the file input's change event: give it the file again. On
+        # a busy machine the upload can also just be slow: a file that shows up late is not re-sent.
         file_input = self.page.locator("#image-upload input[type=file]")
+        shown = self.page.locator("#image-upload").get_by_text(path.name)
         for attempt in range(3):
-            if file_input.count():
+            if file_input.count() and not shown.is_visible():
                 file_input.set_input_files(str(path))
             try:
-                self.page.locator("#image-upload").get_by_text(path.name).wait_for(timeout=15_000)
+                shown.wait_for(timeout=30_000)
                 break
             except PlaywrightTimeout:
                 if attempt == 2:

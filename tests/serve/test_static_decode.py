@@ -63,6 +63,7 @@ def images():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # a server of its own (a minute): with the end-to-end runs, not the suite
 def test_answers_are_chats_streamed_or_not(client, chat, images):
     for image in images[:2]:
         expected = chat_reply(chat, image)
@@ -75,6 +76,7 @@ def test_answers_are_chats_streamed_or_not(client, chat, images):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # a server of its own (a minute): with the end-to-end runs, not the suite
 def test_concurrent_requests_stop_strings_and_seeds(client, chat, images):
     def ask(image, **settings):
         return client.chat.completions.create(model=MODEL, messages=ask_about(image), max_tokens=MAX_TOKENS, **settings).choices[0]
