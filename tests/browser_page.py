@@ -46,13 +46,15 @@ class DemoPage:
 
         # A page still hydrating can drop the file input's change event: give it the file again. On
         # a busy machine the upload can also just be slow: a file that shows up late is not re-sent.
+        # Success is the file's name in the upload box's text (the DOM itself, whatever Playwright
+        # would judge of the element's visibility while the box re-renders).
         file_input = self.page.locator("#image-upload input[type=file]")
-        shown = self.page.locator("#image-upload").get_by_text(path.name)
+        listed = f"() => (document.querySelector('#image-upload')?.innerText || '').includes({path.name!r})"
         for attempt in range(3):
-            if file_input.count() and not shown.is_visible():
+            if file_input.count() and not self.page.evaluate(listed):
                 file_input.set_input_files(str(path))
             try:
-                shown.wait_for(timeout=30_000)
+                self.page.wait_for_function(listed, timeout=30_000)
                 break
             except PlaywrightTimeout:
                 if attempt == 2:
