@@ -22,6 +22,7 @@ from PIL import Image
 from minigpt4.chat import DEFAULT_CFG, load_chat
 from minigpt4.common.cli import existing_file
 from minigpt4.conversation import IMAGE_MESSAGE, Chat, Conversation, ImageError, open_image
+from minigpt4.conversation.engines import DECODES
 
 logger = logging.getLogger("minigpt4.demo")
 
@@ -53,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=1, help="how many uploads/answers may use the model at once")
     parser.add_argument("--max-queue", type=int, default=64, help="events waiting in the queue before new ones are refused")
     parser.add_argument("--no-kv-cache", action="store_true", help="re-encode the whole conversation every turn, as the original")
-    parser.add_argument("--decode", choices=("generate", "static"), default="generate",
+    parser.add_argument("--decode", choices=DECODES, default="generate",
                         help="static: our decode loop, its step one CUDA graph on a GPU (the KV cache is the loop's own)")
     return parser.parse_args()
 

@@ -54,6 +54,11 @@ reported as its median with its spread (``min_s``, ``p25_s``, ``median_s``, ``p7
   ``generate`` rate of the same model in the same process; the first call compiles (``warmup_s``).
   Then ``greedy_vs_generate``: the loop's greedy tokens against ``generate``'s on the same context
   over ``--greedy-check-tokens`` (200), whether they are the same and where they first differ.
+  With captioning on, ``static_decode.captioning``: the captioning images below in one
+  ``answer_batch`` call of a Chat whose engine is the loop (one question: contexts of one length,
+  decoded side by side), timed as the default mode's batched call and against it in this process
+  (``vs_answer_batch``, the goal at least 2x). Its captions are held to ``--caption-tokens`` by
+  the blanked stop check rather than the forced words (the loop takes no logits processor).
 - captioning (fp16): the same ``--caption-images`` images, ``--caption-tokens`` new tokens each
   (forced as above, every length checked), the image preprocessing and encoding included. The
   ``reference`` mode captions them one at a time as a user of the original does: for each image a
@@ -70,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import logging
 import math
 import os
@@ -91,8 +97,9 @@ import common
 from minigpt4.conversation import CONV_VISION_Vicuna0, Chat
 from minigpt4.conversation import decode as decode_module
 from minigpt4.conversation.decode import cache_length, decode, forget, stream_decode
+from minigpt4.conversation.engines import GenerationResult, HFEngine
 from minigpt4.conversation.kv_cache import PrefixCache
-from minigpt4.conversation.stopping import NO_TOKEN
+from minigpt4.conversation.stopping import NO_TOKEN, StopCriteria
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
 logger = logging.getLogger("bench_chat")
@@ -107,6 +114,7 @@ GOALS = {
     "ttft_turn2_vs_reference": 0.3,  # at most, fp16
     "decode_fraction_of_limit": 0.8,  # at least, fp16
     "captioning_batch_speedup": 8.0,  # at least
+    "static_captioning_vs_answer_batch": 2.0,  # at least, fp16, the default mode's batch
     "peak_gb_8bit": 11.5,  # at most
     "peak_gb_4bit": 6.5,  # at most
 }
@@ -336,6 +344,16 @@ def run_chat(args, chat: Chat, image: Image.Image, words: list[int], generation:
     }
 
 
+def blanked(stop: StopCriteria) -> StopCriteria:
+    """The template's stop check, every entry blanked so that it never fires: the random model
+    writes exactly the tokens asked for, and each step still does the check's work."""
+    stops = copy.deepcopy(stop)
+    stops.eos = torch.full_like(stops.eos, NO_TOKEN - 1)
+    if stops.strings is not None:
+        stops.strings.embedding_vec = torch.full_like(stops.strings.embedding_vec, -1)
+    return stops
+
+
 def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
     """Turn 1 answered by ``decode.decode``: TTFT and decode tokens/s, over ``--repeats`` runs."""
     conv, img_list = chat.new_conversation(), []
@@ -344,13 +362,11 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
     conv.append_message(conv.roles[1], None)
     embeds = chat.get_context_emb(conv.get_prompt(), img_list)
     model, llm, n = chat.model, chat.model.llama_model, args.decode_tokens
-    # The template's stop check, every entry blanked so that it never fires: the random model must
-    # write exactly n tokens, and each step still does the check's work.
-    stops = copy.deepcopy(chat.stop)
-    stops.eos = torch.full_like(stops.eos, NO_TOKEN - 1)
-    if stops.strings is not None:
-        stops.strings.embedding_vec = torch.full_like(stops.strings.embedding_vec, -1)
+    stops = blanked(chat.stop)
     compiled = chat.device.type == "cuda"
+    # The loop as every call below runs it: the blanked stop check, one host read per steps_per_sync.
+    loop = functools.partial(decode, stop=stops, steps_per_sync=args.steps_per_sync, compile=compiled)
+    streamed = functools.partial(stream_decode, stop=stops, steps_per_sync=args.steps_per_sync, compile=compiled)
 
     # One cache for both turns (as a chat sized by its max_length): turn 2 finds turn 1's positions
     # in the cache it decodes with, and each turn replays the graph captured for that size.
@@ -358,7 +374,7 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
 
     def decode_with(context: torch.Tensor, tokens: int) -> list[int]:
         with model.maybe_autocast(model.autocast_dtype):
-            return decode(llm, context, tokens, stops, steps_per_sync=args.steps_per_sync, compile=compiled, cache_positions=positions)
+            return loop(llm, context, tokens, cache_positions=positions)
 
     def once() -> dict[str, float]:
         arrivals: list[float] = []
@@ -366,8 +382,7 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
         common.synchronize(chat.device)
         start = time.perf_counter()
         with model.maybe_autocast(model.autocast_dtype):
-            ids = decode(llm, embeds, n, stops, steps_per_sync=args.steps_per_sync, compile=compiled,
-                         on_tokens=lambda chunk: arrivals.append(time.perf_counter()))
+            ids = loop(llm, embeds, n, on_tokens=lambda chunk: arrivals.append(time.perf_counter()))
         if len(ids) != n:
             raise RuntimeError(f"the static decode wrote {len(ids)} tokens, not {n}: something stopped it early")
         # The first chunk is the prefill's token alone; the rest arrive steps_per_sync at a time.
@@ -392,7 +407,7 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
         common.synchronize(chat.device)
         with model.maybe_autocast(model.autocast_dtype):
             start = time.perf_counter()
-            chunks = stream_decode(llm, turn2, n, stops, steps_per_sync=args.steps_per_sync, compile=compiled, cache_positions=positions)
+            chunks = streamed(llm, turn2, n, cache_positions=positions)
             next(chunks)
             ttft = time.perf_counter() - start
             chunks.close()
@@ -402,7 +417,7 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
     ttft2 = [turn2_once() for _ in range(args.repeats)]
     prefilled = turn2.shape[1] - decode_module._buffers[llm].reused
     forget(llm)
-    check = greedy_vs_generate(args, chat, embeds, stops, compiled)
+    check = greedy_vs_generate(args, chat, embeds, loop)
     return {
         "steps_per_sync": args.steps_per_sync,
         "compiled": compiled,
@@ -418,8 +433,8 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
     }
 
 
-def greedy_vs_generate(args, chat: Chat, embeds: torch.Tensor, stops, compiled: bool) -> dict[str, Any]:
-    """The static loop's greedy tokens against ``generate``'s (dynamic cache, as ``Chat.answer``
+def greedy_vs_generate(args, chat: Chat, embeds: torch.Tensor, loop: Callable[..., list[int]]) -> dict[str, Any]:
+    """The static loop's (``loop``: :func:`decode` with its stop check and settings bound) greedy tokens against ``generate``'s (dynamic cache, as ``Chat.answer``
     runs it) on the same context, model and autocast, over ``--greedy-check-tokens`` tokens.
 
     ``generate`` keeps the model's own EOS and may stop before the end; the comparison then covers
@@ -428,7 +443,7 @@ def greedy_vs_generate(args, chat: Chat, embeds: torch.Tensor, stops, compiled: 
     n = args.greedy_check_tokens
     model, llm = chat.model, chat.model.llama_model
     with torch.no_grad(), model.maybe_autocast(model.autocast_dtype):
-        ours = decode(llm, embeds, n, stops, steps_per_sync=args.steps_per_sync, compile=compiled)
+        ours = loop(llm, embeds, n)
         theirs = llm.generate(inputs_embeds=embeds, max_new_tokens=n, do_sample=False)[0].tolist()
     compared = min(len(ours), len(theirs))
     first = next((i for i in range(compared) if ours[i] != theirs[i]), None)
@@ -492,6 +507,47 @@ def run_captioning(args, chat: Chat, mode: str, words: list[int]) -> dict[str, A
     return record
 
 
+def run_static_captioning(args, chat: Chat, batched_images_per_s: float | None) -> dict[str, Any]:
+    """The same images as :func:`run_captioning`, captioned in one ``Chat.answer_batch`` call by a
+    Chat whose engine is the static decode loop (``HFEngine(decode="static")``): one question, so
+    the contexts are of one length and decode side by side, the step one CUDA graph on a GPU.
+
+    Timed as the default mode's batched call is (images encoded, contexts built, the captions
+    decoded to text), against that call in this process (``vs_answer_batch``). Each caption is
+    ``--caption-tokens`` long: the default mode forces its words with a logits processor, which
+    the loop does not take; here the stop check is blanked instead (it still runs every step).
+    """
+    images = random_images(args.caption_images, 224 if not args.tiny else 32, seed=1)
+    engine = HFEngine(chat.model, blanked(chat.stop), decode="static", steps_per_sync=args.steps_per_sync)
+    static = Chat(chat.model, chat.vis_processor, chat.device, CONV_VISION_Vicuna0, engine=engine)
+    answered = engine.generate_many
+
+    def checked(requests) -> list[GenerationResult]:
+        results = answered(requests)
+        if any(len(r.token_ids) != args.caption_tokens for r in results):
+            raise RuntimeError(f"a caption's length is not {args.caption_tokens}: {[len(r.token_ids) for r in results]}")
+        return results
+
+    engine.generate_many = checked
+
+    def caption() -> None:
+        static.answer_batch(images, CAPTION_PROMPT, max_new_tokens=args.caption_tokens, do_sample=False)
+
+    try:
+        start = time.perf_counter()
+        caption()  # the first batch prefills eagerly (no cache yet) and compiles the step
+        caption()  # the second captures the padded prefill
+        warmup_s = time.perf_counter() - start
+        timed = common.time_calls(caption, chat.device, 0, args.caption_repeats)
+    finally:
+        engine.close()
+    rate = len(images) / timed["median_s"]
+    return {
+        "images": len(images), "new_tokens": args.caption_tokens, "warmup_s": warmup_s, "batched_s": timed,
+        "images_per_s": rate, "vs_answer_batch": common.ratio(rate, batched_images_per_s),
+    }
+
+
 def run_mode(args, mode: str, quant: str, llm_folder: Path, weights_folder, device: torch.device, bandwidth: float | None) -> dict[str, Any]:
     # The fp16 folder the quantized models load from is written first: its own peak and time are
     # the benchmark's, not the load's.
@@ -538,6 +594,10 @@ def run_mode(args, mode: str, quant: str, llm_folder: Path, weights_folder, devi
     if quant == "none" and mode in ("reference", "default") and args.caption_images:
         logger.info("%s, %s: captioning %d images", quant, mode, args.caption_images)
         record["captioning"] = run_captioning(args, chat, mode, words)
+        if "static_decode" in record:
+            logger.info("%s, %s: captioning %d images with the static decode loop", quant, mode, args.caption_images)
+            batched = record["captioning"]["images_per_s"]["batched"]
+            record["static_decode"]["captioning"] = run_static_captioning(args, chat, batched)
     logger.info(
         "%s, %s: TTFT %.1f / %.1f ms (medians of %d), %.1f tokens/s, peak with the load %s GB", quant, mode,
         record["ttft_turn1_s"]["median_s"] * 1e3, record["ttft_turn2_s"]["median_s"] * 1e3, args.repeats,
@@ -622,6 +682,8 @@ def goals_of(runs: dict[str, dict[str, Any]], ratios: dict[str, dict[str, Any]],
         "ttft_turn2_vs_reference_fp16": goal(min(turn2, default=None), GOALS["ttft_turn2_vs_reference"], True),
         "decode_fraction_of_limit_fp16": goal(max(decode, default=None), GOALS["decode_fraction_of_limit"], False),
         "captioning_batch_speedup": goal(captioning["captioning_batch_speedup"], GOALS["captioning_batch_speedup"], False),
+        "static_captioning_vs_answer_batch": goal(((fp16.get("default") or {}).get("static_decode") or {}).get("captioning", {}).get("vs_answer_batch"),
+                                                  GOALS["static_captioning_vs_answer_batch"], False),
         "peak_gb_8bit_default": goal(runs.get("8bit", {}).get("default", {}).get("peak_including_load_gb"), GOALS["peak_gb_8bit"], True),
         "peak_gb_4bit_default": goal(runs.get("4bit", {}).get("default", {}).get("peak_including_load_gb"), GOALS["peak_gb_4bit"], True),
     }
@@ -658,6 +720,12 @@ def table(runs: dict[str, dict[str, Any]], ratios: dict[str, Any], captioning: d
             f"static decode, greedy: {'the same' if check['equal'] else 'NOT the same'} tokens as generate over {check['compared']}"
             + ("" if check["first_difference"] is None else f" (first difference at token {check['first_difference']})")
         )
+        captions = static.get("captioning")
+        if captions:
+            lines.append(
+                f"static decode, captioning {captions['images']} images in one batch: {captions['images_per_s']:.2f} images/s, "
+                f"{common.fmt(captions['vs_answer_batch'], '.2f')}x the default mode's answer_batch"
+            )
     if "no_ratio" not in captioning:
         lines.append(
             f"captioning images/s: reference one at a time {captioning['reference_one_at_a_time_images_per_s']:.2f}, "

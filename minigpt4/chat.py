@@ -20,6 +20,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from omegaconf import OmegaConf
 
+from minigpt4.conversation.engines import DECODES, ENGINES
+
 logger = logging.getLogger("minigpt4.chat")
 
 # With no --cfg-path, demo.py and this CLI run the nano model: offline, on a CPU, shipped weights.
@@ -49,13 +51,13 @@ def load_chat(
     ``reuse_kv_cache=False`` re-encodes the whole conversation every turn, as the original.
     ``engine``: ``"hf"`` generates in this process; ``"vllm"`` sends the context embeddings to the
     vLLM server at ``engine_url`` (the vision side and the embedding of the prompt stay here).
-    ``decode``: how the hf engine writes an answer that runs alone, ``"generate"`` or ``"static"``
+    ``decode``: how the hf engine writes an answer (or a batch of contexts of one length), ``"generate"`` or ``"static"``
     (:class:`~minigpt4.conversation.engines.HFEngine`).
     """
     from minigpt4.common.config import Config, ConfigError
     from minigpt4.common.registry import registry
     from minigpt4.conversation import Chat, conv_template_for
-    from minigpt4.conversation.engines import DECODES, ENGINES, EngineMismatch, EngineUnavailable, VLLMEngine
+    from minigpt4.conversation.engines import EngineMismatch, EngineUnavailable, VLLMEngine
     from minigpt4.models.llm import lora_fingerprint
 
     if engine not in ENGINES:
@@ -247,7 +249,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", default=DEFAULT_CAPTION_PROMPT, help="question asked of every image when captioning")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generate call when captioning")
     parser.add_argument("--no-kv-cache", action="store_true", help="re-encode the whole conversation every turn, as the original")
-    parser.add_argument("--decode", choices=("generate", "static"), default="generate",
+    parser.add_argument("--decode", choices=DECODES, default="generate",
                         help="static: our decode loop, its step one CUDA graph on a GPU (the KV cache is the loop's own)")
     generation_args(parser)
     args = parser.parse_args(argv)

@@ -54,6 +54,28 @@ def test_decode_static_answers_as_generate_over_a_pipe(write_yaml):
     assert any(len(a) > len("Assistant: ") + 10 for a in answers[0]), answers[0]
 
 
+def test_decode_static_captions_a_folder_as_generate_does(write_yaml, tiny_images, tmp_path):
+    # One prompt for every image: each batch's contexts are of one length, and the static loop
+    # decodes them side by side (the tiny Llama-2 chat writes to the limit, so rows run long).
+    cfg = write_yaml({"model": tiny_model_section("llama2")}, "tiny_llama2.yaml")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in tiny_images:
+        shutil.copy(path, folder / path.name)
+    captions = {}
+    for decode in ("generate", "static"):
+        out = tmp_path / f"{decode}.jsonl"
+        run = subprocess.run(
+            cli("--cfg-path", str(cfg), "--caption-dir", str(folder), "--out", str(out), "--batch-size", "3",
+                "--max-new-tokens", "16", "--greedy", "--decode", decode),
+            capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120,
+        )
+        assert run.returncode == 0, run.stderr
+        captions[decode] = {line["image"]: line["caption"] for line in read_captions(out)}
+    assert len(captions["static"]) == 3 and captions["static"] == captions["generate"]
+    assert all(len(caption) > 10 for caption in captions["generate"].values()), captions
+
+
 def test_a_bad_config_ends_with_its_message_not_a_traceback(write_yaml, tmp_path):
     cfg = write_yaml({"model": tiny_model_section("vicuna0", llama_model=str(tmp_path / "no-vicuna"))}, "bad_llm.yaml")
     run = subprocess.run(

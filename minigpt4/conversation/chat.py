@@ -58,9 +58,10 @@ class Chat:
 
     ``engine`` generates (default: an in-process :class:`HFEngine` on ``model``); answering from
     several threads at once is safe, and the in-process engine batches those answers. ``decode``
-    is that default engine's way of writing an answer that runs alone: ``"generate"``
-    (transformers), or ``"static"``, our static-cache loop whose one-token step runs as one CUDA
-    graph on a GPU (:mod:`minigpt4.conversation.decode`; the same tokens under greedy decoding). The
+    is that default engine's way of writing an answer that runs alone, or a batch of contexts of
+    one length (:meth:`answer_batch` with one question): ``"generate"`` (transformers), or
+    ``"static"``, our static-cache loop whose one-token step runs as one CUDA graph on a GPU
+    (:mod:`minigpt4.conversation.decode`; the same tokens under greedy decoding). The
     static loop keeps its own cache: an answer whose context starts as the last one's did (the next
     turn of the same conversation) prefills only the rest; nothing is kept on the conversation.
     """

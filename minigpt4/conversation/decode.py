@@ -29,9 +29,14 @@ What transformers offers and what it does not:
   It is the exponential race (argmax of probs / Exp(1)), a sample from the same distribution as
   ``generate``'s multinomial but not the same numbers.
 
-Batch 1 only: one conversation. The in-process engine uses it for a request that runs alone when
-built with ``decode="static"`` (``HFEngine``, ``Chat``, ``load_chat``, ``serve --decode static``);
-batches keep using ``generate``.
+One conversation (:func:`stream_decode`), or B contexts of one length decoded side by side
+(:func:`decode_rows`: ``Chat.answer_batch``'s captions of one prompt, whose contexts are the image's
+query tokens and the same text). Every state tensor has a row per context; a row that stopped
+stops counting while the others go on, and the loop ends when every row has stopped. Contexts of
+different lengths would need a padding mask and per-row positions: they keep using ``generate``.
+The in-process engine built with ``decode="static"`` (``HFEngine``, ``Chat``, ``load_chat``,
+``serve --decode static``) runs a request that runs alone, and a batch whose contexts are of one
+length, with this loop.
 """
 from __future__ import annotations
 
@@ -65,7 +70,7 @@ def cache_length(positions: int, smallest: int = SMALLEST_CACHE) -> int:
 
 
 def pick(logits: torch.Tensor, noise: torch.Tensor | None, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """(1,) next token from (1, V) logits: argmax when ``noise`` is None, else a top-p sample."""
+    """(B,) next tokens from (B, V) logits: argmax when ``noise`` is None, else a top-p sample."""
     if noise is None:
         return logits.argmax(-1)
     scores = logits.float() / temperature
@@ -79,25 +84,26 @@ def pick(logits: torch.Tensor, noise: torch.Tensor | None, temperature: torch.Te
 
 def record(token: torch.Tensor, tokens: torch.Tensor, written: torch.Tensor, count: torch.Tensor,
            done: torch.Tensor, window: torch.Tensor, stop: StopCriteria | None) -> None:
-    """Append ``token``; ``count`` stops growing after the first stop, which sets ``done``.
+    """Append ``token`` (B,) to the rows of ``tokens`` (B, length); a row's ``count`` stops growing
+    after its first stop, which sets its ``done``.
 
-    ``window``: the last ``stop.window`` tokens, what the stop check reads.
+    ``window``: (B, stop.window) each row's last tokens, what the stop check reads.
     """
-    tokens.index_copy_(0, written, token)
+    tokens.index_copy_(1, written, token.unsqueeze(1))
     written.add_(1)
     count.add_((~done).long())
     if stop is not None:
-        window.copy_(torch.cat([window[1:], token]))
-        done.logical_or_(stop(window.unsqueeze(0)))
+        window.copy_(torch.cat([window[:, 1:], token.unsqueeze(1)], dim=1))
+        done.logical_or_(stop(window))
 
 
 def prefill(llm, cache: StaticCache, inputs_embeds: torch.Tensor) -> torch.Tensor:
-    """(1, V) logits of the last prompt position; the prompt's keys and values go into ``cache``."""
+    """(B, V) logits of the last prompt position; the prompt's keys and values go into ``cache``."""
     return llm(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
 def prefill_padded(llm, cache: StaticCache, padded: torch.Tensor, last: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """:func:`prefill` of ``padded`` (1, P, H), whose last ``pad`` positions are padding after the
+    """:func:`prefill` of ``padded`` (B, P, H), whose last ``pad`` positions are padding after the
     real ones (``last``: (1,), the index of the last real one): one fixed shape per ``P``, so it can
     be captured as a graph. The padding's keys and values land after the real ones and the cache's
     length is cut back past them: the next position overwrites them, and nothing attends to them."""
@@ -117,11 +123,10 @@ def prefill_length(positions: int) -> int | None:
 
 def decode_one_token(llm, cache: StaticCache, tokens, written, count, done, window, stop, noise, temperature, top_p) -> None:
     """One step, all on the device and in place: what one CUDA graph replays."""
-    last = tokens.index_select(0, written - 1)
-    embeds = llm.get_input_embeddings()(last).unsqueeze(0)
-    logits = llm(inputs_embeds=embeds, cache=cache, use_cache=True).logits[:, -1]
-    row = None if noise is None else noise.index_select(0, written % noise.shape[0])
-    record(pick(logits, row, temperature, top_p), tokens, written, count, done, window, stop)
+    last = tokens.index_select(1, written - 1)  # (B, 1)
+    logits = llm(inputs_embeds=llm.get_input_embeddings()(last), cache=cache, use_cache=True).logits[:, -1]
+    draws = None if noise is None else noise.index_select(0, written % noise.shape[0])[0]
+    record(pick(logits, draws, temperature, top_p), tokens, written, count, done, window, stop)
 
 
 _compiled: dict[str, Callable] = {}
@@ -142,7 +147,7 @@ def compiled_prefill() -> Callable:
 
 
 def run_prefill(llm, b: _Buffers, new: torch.Tensor, compile: bool) -> torch.Tensor:
-    """(1, V) logits after prefilling ``new`` (1, N, H) into ``b.cache`` after what it keeps: captured
+    """(B, V) logits after prefilling ``new`` (B, N, H) into ``b.cache`` after what it keeps: captured
     and padded when ``compile`` and the padded positions fit (the cache must already exist: a graph
     cannot allocate it), else eagerly."""
     positions = new.shape[1]
@@ -150,7 +155,7 @@ def run_prefill(llm, b: _Buffers, new: torch.Tensor, compile: bool) -> torch.Ten
     filled = int(b.cache.get_seq_length()) if b.cache.layers[0].is_initialized else None
     if padded_length is None or filled is None or filled + padded_length > b.length:
         return prefill(llm, b.cache, new)
-    padded = torch.zeros(1, padded_length, new.shape[2], dtype=new.dtype, device=new.device)
+    padded = torch.zeros(new.shape[0], padded_length, new.shape[2], dtype=new.dtype, device=new.device)
     padded[:, :positions] = new
     last = torch.tensor([positions - 1], device=new.device)
     pad = torch.tensor(padded_length - positions, device=new.device)
@@ -160,22 +165,25 @@ def run_prefill(llm, b: _Buffers, new: torch.Tensor, compile: bool) -> torch.Ten
 
 
 class _Buffers:
-    """The fixed tensors of one cache size: their addresses are what a captured graph holds."""
+    """The fixed tensors of one cache size and number of rows: their addresses are what a captured
+    graph holds. ``written`` is shared (the rows step together); ``count`` and ``done`` are per row."""
 
-    def __init__(self, llm, length: int, device: torch.device):
-        self.length = length
+    def __init__(self, llm, length: int, rows: int, device: torch.device):
+        self.length, self.rows = length, rows
         self.cache = StaticCache(config=llm.config, max_cache_len=length)
-        self.tokens = torch.zeros(length, dtype=torch.long, device=device)
-        self.written, self.count = (torch.zeros(1, dtype=torch.long, device=device) for _ in range(2))
-        self.done = torch.zeros(1, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(rows, length, dtype=torch.long, device=device)
+        self.written = torch.zeros(1, dtype=torch.long, device=device)
+        self.count = torch.zeros(rows, dtype=torch.long, device=device)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.temperature, self.top_p = (torch.ones((), device=device) for _ in range(2))
         pin = device.type == "cuda"
-        self.host_tokens = torch.zeros(length, dtype=torch.long, pin_memory=pin)
-        self.host_state = torch.zeros(2, dtype=torch.long, pin_memory=pin)
+        self.host_tokens = torch.zeros(rows, length, dtype=torch.long, pin_memory=pin)
+        self.host_state = torch.zeros(2, rows, dtype=torch.long, pin_memory=pin)
         self.noise: torch.Tensor | None = None
         self.window: torch.Tensor | None = None
         # The (positions, hidden) input embeddings whose keys and values the cache holds, in order:
-        # the last answer's context and the reply tokens fed back. None: nothing reusable.
+        # the last answer's context and the reply tokens fed back. None: nothing reusable (always,
+        # for several rows: a batch of fresh contexts has no next turn).
         self.held: torch.Tensor | None = None
         self.reused = 0  # positions the last answer took from the cache instead of prefilling them
         for t in (self.tokens, self.written, self.count, self.done, self.temperature, self.top_p):
@@ -223,7 +231,8 @@ class _Buffers:
 
 
 # One set of buffers per LLM, kept while the LLM lives: the next answer in the same bucket replays
-# the graphs already captured; another bucket replaces them (its cache is another size).
+# the graphs already captured; another bucket, or another number of rows, replaces them (a
+# conversation's turns and a batch of captions take turns at the cost of a new capture).
 _buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -243,18 +252,40 @@ def on_device(stop: StopCriteria, device: torch.device) -> None:
         torch._dynamo.mark_static_address(t)
 
 
-def buffers_for(llm, length: int, device: torch.device) -> _Buffers:
+def buffers_for(llm, length: int, rows: int, device: torch.device) -> _Buffers:
     held = _buffers.get(llm)
-    if held is None or held.length != length or held.tokens.device != device:
+    if held is None or held.length != length or held.rows != rows or held.tokens.device != device:
         old = _buffers.pop(llm, None)
-        held = _buffers[llm] = _Buffers(llm, length, device)
-        if old is not None and old.tokens.device == device:
+        held = _buffers[llm] = _Buffers(llm, length, rows, device)
+        if old is not None and old.tokens.device == device and old.rows == rows == 1:
             held.take_prefix(old, device)  # the conversation goes on in a cache of another size
     return held
 
 
+def stream_decode(llm, inputs_embeds: torch.Tensor, max_new_tokens: int, *args: Any, **kwargs: Any) -> Iterator[list[int]]:
+    """The new token ids after ``inputs_embeds`` (1, positions, hidden), batch 1, up to and including
+    the first stop, in chunks as they reach the host: the prefill's token alone, then up to
+    ``steps_per_sync`` at a time. Together they are what ``llm.generate(inputs_embeds=...,
+    stopping_criteria=..., eos_token_id=...)`` returns for that row (the same ids when greedy).
+    The other arguments are :func:`stream_decode_rows`'s.
+
+    The cache is kept after the answer with what it holds (the context and the reply's tokens fed
+    back): a next call whose context starts with the same embeddings prefills only the rest, also
+    when it needs a cache of another size (the held positions are copied over).
+    """
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
+        raise ValueError(f"inputs_embeds: expected (1, positions, hidden) for batch 1, got {tuple(inputs_embeds.shape)}")
+    rows = stream_decode_rows(llm, inputs_embeds, max_new_tokens, *args, **kwargs)
+    try:
+        for chunks in rows:
+            if chunks[0]:
+                yield chunks[0]
+    finally:
+        rows.close()  # the loop records what the cache holds, however far it was read
+
+
 @torch.no_grad()
-def stream_decode(
+def stream_decode_rows(
     llm,
     inputs_embeds: torch.Tensor,
     max_new_tokens: int,
@@ -267,38 +298,37 @@ def stream_decode(
     compile: bool = False,
     suppress_first: Sequence[int] = (),
     cache_positions: int = 0,
-) -> Iterator[list[int]]:
-    """The new token ids after ``inputs_embeds`` (1, positions, hidden), batch 1, up to and including
-    the first stop, in chunks as they reach the host: the prefill's token alone, then up to
-    ``steps_per_sync`` at a time. Together they are what ``llm.generate(inputs_embeds=...,
-    stopping_criteria=..., eos_token_id=...)`` returns for that row (the same ids when greedy).
+) -> Iterator[list[list[int]]]:
+    """B contexts of one length, ``inputs_embeds`` (B, positions, hidden), decoded side by side: at
+    each host read (after the prefill's token, then every ``steps_per_sync`` steps), every row's new
+    tokens (empty for a row that had stopped). Each row's tokens are what ``generate`` writes for
+    that row alone, up to and including its own first stop (the same ids when greedy).
 
     ``stop``: the template's stop text and EOS ids (``Chat.stop``); None: only ``max_new_tokens`` ends it.
     ``do_sample``: temperature, then top-p, then a draw from ``generator`` (on the embeddings'
-    device; None: the global RNG). ``steps_per_sync``: steps between host reads; up to
-    ``steps_per_sync - 1`` steps past a stop are computed and dropped. ``compile``: the step as a
-    CUDA graph (``torch.compile(mode="reduce-overhead")``; the first call per cache size compiles).
-    ``suppress_first``: token ids the first new token may not be (``generate``'s ``min_length=1``
-    keeps the EOS from it). ``cache_positions``: the least size of the static cache (e.g. the chat's
-    ``max_length``: one cache, and one captured graph, for every turn of a conversation that fits).
-    Run it in the model's autocast context, as ``generate`` is (``model.maybe_autocast``).
-
-    The cache is kept after the answer with what it holds (the context and the reply's tokens fed
-    back): a next call whose context starts with the same embeddings prefills only the rest, also
-    when it needs a cache of another size (the held positions are copied over).
+    device; None: the global RNG), each row's noise in turn. ``steps_per_sync``: steps between host
+    reads; up to ``steps_per_sync - 1`` steps past the last stop are computed and dropped.
+    ``compile``: the step as a CUDA graph (``torch.compile(mode="reduce-overhead")``; the first call
+    per cache size and number of rows compiles). ``suppress_first``: token ids the first new token
+    may not be (``generate``'s ``min_length=1`` keeps the EOS from it). ``cache_positions``: the
+    least size of the static cache (e.g. the chat's ``max_length``: one cache, and one captured
+    graph, for every turn of a conversation that fits). Run it in the model's autocast context, as
+    ``generate`` is (``model.maybe_autocast``). Only a single row's cache is kept for a next call
+    (:func:`stream_decode`); a batch's rows are fresh contexts, each its own conversation.
     """
-    if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
-        raise ValueError(f"inputs_embeds: expected (1, positions, hidden) for batch 1, got {tuple(inputs_embeds.shape)}")
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] < 1:
+        raise ValueError(f"inputs_embeds: expected (rows, positions, hidden), got {tuple(inputs_embeds.shape)}")
     if max_new_tokens < 1 or steps_per_sync < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens}, steps_per_sync {steps_per_sync}: both must be at least 1")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise ValueError(f"temperature {temperature}, top_p {top_p}: sampling needs temperature > 0 and 0 < top_p <= 1")
-    device = inputs_embeds.device
-    b = buffers_for(llm, cache_length(max(inputs_embeds.shape[1] + max_new_tokens, cache_positions)), device)
+    device, rows = inputs_embeds.device, inputs_embeds.shape[0]
+    b = buffers_for(llm, cache_length(max(inputs_embeds.shape[1] + max_new_tokens, cache_positions)), rows, device)
     keep = b.keep(inputs_embeds)
     for t in (b.written, b.count, b.done):
         t.zero_()
-    window = b.static("window", torch.full((stop.window if stop is not None else 1,), NO_TOKEN, dtype=torch.long, device=device))
+    width = stop.window if stop is not None else 1
+    window = b.static("window", torch.full((rows, width), NO_TOKEN, dtype=torch.long, device=device))
     if stop is not None:
         on_device(stop, device)
     noise = None
@@ -306,34 +336,35 @@ def stream_decode(
         b.temperature.fill_(temperature)
         b.top_p.fill_(top_p)
         vocab = llm.get_output_embeddings().weight.shape[0]
-        noise = b.static("noise", torch.empty(steps_per_sync, vocab, device=device))
+        noise = b.static("noise", torch.empty(steps_per_sync, rows, vocab, device=device))
     step = compiled_step() if compile else decode_one_token
     state = (b.tokens, b.written, b.count, b.done, window, stop)
 
     def draw(index: int) -> None:
-        # One row per token, in order: the same draws whatever steps_per_sync.
+        # One (rows, vocab) draw per step, in order: the same draws whatever steps_per_sync.
         if noise is not None:
             noise[index % steps_per_sync].exponential_(generator=generator)
 
-    def read(written: int, emitted: int) -> tuple[list[int], bool]:
-        b.host_tokens[emitted:written].copy_(b.tokens[emitted:written], non_blocking=True)
-        b.host_state[0:1].copy_(b.count, non_blocking=True)
-        b.host_state[1:2].copy_(b.done, non_blocking=True)
+    def read(written: int, emitted: list[int]) -> tuple[list[list[int]], bool]:
+        start = min(emitted)
+        b.host_tokens[:, start:written].copy_(b.tokens[:, start:written], non_blocking=True)
+        b.host_state[0].copy_(b.count, non_blocking=True)
+        b.host_state[1].copy_(b.done, non_blocking=True)
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
-        count, done = b.host_state.tolist()
-        return b.host_tokens[emitted:count].tolist(), bool(done)
+        counts, done = b.host_state.tolist()
+        return [b.host_tokens[row, emitted[row] : counts[row]].tolist() for row in range(rows)], all(done)
 
     draw(0)
     logits = run_prefill(llm, b, inputs_embeds[:, keep:], compile)
     if suppress_first:
         logits[:, list(suppress_first)] = -float("inf")
-    record(pick(logits, None if noise is None else noise[:1], b.temperature, b.top_p), *state)
-    written, emitted = 1, 0
+    record(pick(logits, None if noise is None else noise[0], b.temperature, b.top_p), *state)
+    written, emitted = 1, [0] * rows
     try:
-        chunk, done = read(1, 0)
-        emitted = len(chunk)
-        yield chunk
+        chunks, done = read(1, emitted)
+        emitted = [len(chunk) for chunk in chunks]
+        yield chunks
         while not done and written < max_new_tokens:
             steps = min(steps_per_sync, max_new_tokens - written)
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if compile else nullcontext():
@@ -343,17 +374,17 @@ def stream_decode(
                         torch.compiler.cudagraph_mark_step_begin()  # nothing of the last replay is kept
                     step(llm, b.cache, *state, noise, b.temperature, b.top_p)
             written += steps
-            chunk, done = read(written, emitted)
-            emitted += len(chunk)
-            if chunk:
-                yield chunk
+            chunks, done = read(written, emitted)
+            emitted = [sent + len(chunk) for sent, chunk in zip(emitted, chunks)]
+            yield chunks
     except GeneratorExit:  # the caller stopped reading: what the cache holds is still known
         pass
     # (Any other error leaves b.held None: nothing is reused from a cache in an unknown state.)
     # The cache holds the context and every token fed back (all but the last written); of those,
     # the reply's (up to its stop) are what a next turn can start with.
-    fed = min(written - 1, emitted)
-    b.held = torch.cat([inputs_embeds[0], llm.get_input_embeddings()(b.tokens[:fed]).to(inputs_embeds.dtype)])
+    if rows == 1:
+        fed = min(written - 1, emitted[0])
+        b.held = torch.cat([inputs_embeds[0], llm.get_input_embeddings()(b.tokens[0, :fed]).to(inputs_embeds.dtype)])
 
 
 def decode(llm, inputs_embeds: torch.Tensor, max_new_tokens: int, *args: Any,
@@ -365,4 +396,14 @@ def decode(llm, inputs_embeds: torch.Tensor, max_new_tokens: int, *args: Any,
         ids += chunk
         if on_tokens is not None:
             on_tokens(chunk)
+    return ids
+
+
+def decode_rows(llm, inputs_embeds: torch.Tensor, max_new_tokens: int, *args: Any, **kwargs: Any) -> list[list[int]]:
+    """Each row's new token ids from :func:`stream_decode_rows` (same arguments), up to and
+    including its first stop."""
+    ids: list[list[int]] = [[] for _ in range(inputs_embeds.shape[0])]
+    for chunks in stream_decode_rows(llm, inputs_embeds, max_new_tokens, *args, **kwargs):
+        for row, chunk in zip(ids, chunks):
+            row += chunk
     return ids

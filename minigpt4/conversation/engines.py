@@ -13,11 +13,12 @@ engine's reply is cleaned the same way.
   settings, left-padded with an attention mask (as ``Chat.answer_batch``), each row stopped on its
   own and handed back as soon as it is done. Under greedy decoding a row gets the tokens it gets
   alone. A seeded sampling request runs alone, so its seed means what it says.
-  With ``decode="static"`` a request that runs alone is written by :mod:`~minigpt4.conversation.decode`
+  With ``decode="static"`` a request that runs alone, and a batch whose contexts are of one length
+  (``Chat.answer_batch``'s captions of one prompt), are written by :mod:`~minigpt4.conversation.decode`
   instead (a static cache, the one-token step as one CUDA graph on a GPU, the host reading the
   tokens every ``steps_per_sync`` steps): the same tokens as ``generate`` under greedy decoding,
-  a sample from the same distribution when sampling. Batches of several requests still go to
-  ``generate``. The loop keeps the last answer's positions in its own cache, so a request whose
+  a sample from the same distribution when sampling. A batch of contexts of several lengths still
+  goes to ``generate`` (the loop has no padding mask). The loop keeps the last answer's positions in its own cache, so a request whose
   context starts the same way (the next turn of that conversation) prefills only the rest. It
   refuses settings the loop does not have (``EngineRequestError``).
 - :class:`VLLMEngine` (``vllm``): the LLM runs on a vLLM server started with
@@ -47,7 +48,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from minigpt4.conversation.decode import stream_decode
+from minigpt4.conversation.decode import stream_decode_rows
 from minigpt4.conversation.stopping import NO_TOKEN, StopCriteria
 from minigpt4.models.llm import LORA_MARKER
 
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 ENGINES = ("hf", "vllm")
-DECODES = ("generate", "static")  # how the hf engine writes a request that runs alone
+DECODES = ("generate", "static")  # how the hf engine writes a request, or a batch of one context length
 
 
 # ---- the interface -----------------------------------------------------------------------------
@@ -285,6 +286,11 @@ class _RowsJob(_Job):
             row.fail(err)
 
 
+def _has_stop_string(tokenizer, ids: list[int], stop: Sequence[str]) -> bool:
+    """Whether the text of ``ids`` holds one of a request's own stop strings (checked after each token)."""
+    return bool(stop) and any(s in tokenizer.decode(ids, skip_special_tokens=True) for s in stop)
+
+
 class _RowStops(StoppingCriteria):
     """Per row: the template's stop words, the row's own stop strings and length limit.
 
@@ -307,8 +313,7 @@ class _RowStops(StoppingCriteria):
     def _reason(self, row: _Row, ids: list[int], at_stop: bool) -> FinishReason | None:
         if at_stop:
             return "stop"
-        stop = row.request.stop
-        if stop and any(s in self.tokenizer.decode(ids, skip_special_tokens=True) for s in stop):
+        if _has_stop_string(self.tokenizer, ids, row.request.stop):
             return "stop"
         if row.cancelled or len(ids) >= row.request.sampling.max_new_tokens:
             return "length"
@@ -458,9 +463,14 @@ class HFEngine(_BatchQueue, Engine):
         rows = [row for job in jobs for row in job.rows if not row.cancelled]
         if not rows:
             return
-        if self.decode == "static" and len(rows) == 1:
-            self._run_static(rows[0])
-            return
+        if self.decode == "static":
+            for row in rows:  # one rule for every request, whichever way it runs
+                static_options(row.request)
+            if len({row.request.inputs_embeds.shape[1] for row in rows}) == 1:
+                self._run_static(rows)
+                return
+            # Contexts of several lengths would need a padding mask and per-row positions in the
+            # loop: generate runs them (the module doc of decode says so).
         first = rows[0].request
         kwargs = self._generate_kwargs(rows)
         # Beam search cannot stream, and a caller's own streamer takes the only place.
@@ -478,8 +488,8 @@ class HFEngine(_BatchQueue, Engine):
             finish = row.finish if row.end is not None else ("length" if len(ids) >= row.request.sampling.max_new_tokens else "stop")
             row.complete(ids, finish)
 
-    def _run_static(self, row: _Row) -> None:
-        """One request by the static decode loop, on the engine's one decoding thread.
+    def _run_static(self, rows: list[_Row]) -> None:
+        """Requests of one context length by the static decode loop, on the engine's one decoding thread.
 
         PyTorch keeps captured CUDA graphs per thread (its cudagraph trees are thread-local), and the
         queue's worker thread ends whenever the queue empties: a thread of its own that lives as long
@@ -488,47 +498,56 @@ class HFEngine(_BatchQueue, Engine):
         with self._lock:
             if self._decoder is None:
                 self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minigpt4-static-decode")
-        self._decoder.submit(self._static_reply, row).result()
+        self._decoder.submit(self._static_rows, rows).result()
 
     def close(self) -> None:
         if self._decoder is not None:
             self._decoder.shutdown(wait=True)
             self._decoder = None
 
-    def _static_reply(self, row: _Row) -> None:
-        """One request by the static decode loop: its tokens to the row as each chunk reaches the host."""
-        request, llm = row.request, self.model.llama_model
-        static_options(request)
-        sampling, device = request.sampling, request.inputs_embeds.device
+    def _static_rows(self, rows: list[_Row]) -> None:
+        """Requests of one context length by the static decode loop, side by side: each row's tokens
+        go to it as each chunk reaches the host. A batch shares its options (``batch_key``)."""
+        first, llm = rows[0].request, self.model.llama_model
+        sampling, device = first.sampling, first.inputs_embeds.device
         generator = None
-        if sampling.do_sample and request.seed is not None:
-            generator = torch.Generator(device).manual_seed(request.seed)
+        if sampling.do_sample and first.seed is not None:
+            generator = torch.Generator(device).manual_seed(first.seed)
         compile = device.type == "cuda" if self.compile is None else self.compile
-        suppress = first_token_suppressed(request.options, llm.generation_config)
         tokenizer = self.model.llama_tokenizer
-        finish: FinishReason | None = None
-        chunks = stream_decode(
-            llm, request.inputs_embeds, sampling.max_new_tokens, self.stop, do_sample=sampling.do_sample,
-            temperature=sampling.temperature, top_p=sampling.top_p, generator=generator,
-            steps_per_sync=self.steps_per_sync, compile=compile, suppress_first=suppress,
+        limits = [row.request.sampling.max_new_tokens for row in rows]
+        embeds = torch.cat([row.request.inputs_embeds for row in rows]) if len(rows) > 1 else first.inputs_embeds
+        ended: dict[int, FinishReason | None] = {}  # row -> "stop" (its own stop string), None: decided below
+        stream = stream_decode_rows(
+            llm, embeds, max(limits), self.stop, do_sample=sampling.do_sample, temperature=sampling.temperature,
+            top_p=sampling.top_p, generator=generator, steps_per_sync=self.steps_per_sync, compile=compile,
+            suppress_first=first_token_suppressed(first.options, llm.generation_config),
         )
         with self.model.maybe_autocast(self.model.autocast_dtype):
             try:
-                for chunk in chunks:
-                    for token in chunk:
-                        row.add(token)
-                        # The request's own stop strings, token by token as _RowStops checks them.
-                        if request.stop and any(s in tokenizer.decode(row.ids, skip_special_tokens=True) for s in request.stop):
-                            finish = "stop"
-                            break
-                    if finish is not None or row.cancelled:
+                for chunks in stream:
+                    for i, (row, chunk) in enumerate(zip(rows, chunks)):
+                        for token in chunk if i not in ended else ():
+                            row.add(token)
+                            # The request's own stop strings, token by token as _RowStops checks them.
+                            if _has_stop_string(tokenizer, row.ids, row.request.stop):
+                                ended[i] = "stop"
+                                break
+                            if len(row.ids) >= limits[i]:
+                                ended[i] = None
+                                break
+                        if row.cancelled:  # its consumer left: it takes no more tokens
+                            ended.setdefault(i, None)
+                    if len(ended) == len(rows):
                         break
             finally:
-                chunks.close()
-        if finish is None:
-            # The loop ends at the first stop or at max_new_tokens: a stop, if any, is the last token.
-            finish = "stop" if row.ids and not row.cancelled and self._ends_at_stop(row.ids) else "length"
-        row.complete(row.ids, finish)
+                stream.close()
+        for i, row in enumerate(rows):
+            finish = ended.get(i)
+            if finish is None:
+                # The loop ends a row at its first stop or at max_new_tokens: a stop, if any, is the last token.
+                finish = "stop" if row.ids and not row.cancelled and self._ends_at_stop(row.ids) else "length"
+            row.complete(row.ids, finish)
 
     def _ends_at_stop(self, ids: list[int]) -> bool:
         """Whether the template's stop check fires on the last token of ``ids``."""

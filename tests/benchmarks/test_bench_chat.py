@@ -107,7 +107,7 @@ def static_run(tmp_path_factory) -> tuple[dict, list[str]]:
     cmd = [
         sys.executable, "benchmarks/bench_chat.py", "--tiny", "--quant", "none", "--modes", "default", "--decode", "static",
         "--steps-per-sync", "4", "--decode-tokens", "10", "--repeats", "1", "--greedy-check-tokens", "24",
-        "--caption-images", "1", "--caption-tokens", "2", "--caption-repeats", "1", "--out", str(out),
+        "--caption-images", "3", "--caption-tokens", "5", "--caption-repeats", "1", "--out", str(out),
     ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -123,7 +123,7 @@ def test_decode_static_times_the_static_loop_next_to_generate(static_run, run):
     assert finite(static["decode_tokens_per_s"]) and static["decode_tokens_per_s"] > 0
     assert finite(static["ttft_s"]["median_s"]) and static["ttft_s"]["median_s"] > 0
     assert static["vs_generate"] == pytest.approx(static["decode_tokens_per_s"] / default["decode_tokens_per_s"])
-    assert lines[-5].startswith("static decode (fp16, default, eager, sync every 4): ") and lines[-1].startswith("goals: ")
+    assert lines[-6].startswith("static decode (fp16, default, eager, sync every 4): ") and lines[-1].startswith("goals: ")
     assert "static_decode" not in run[0]["runs"]["none"]["default"]  # --decode generate (the default) leaves it out
 
 
@@ -144,7 +144,7 @@ def test_decode_static_checks_its_greedy_tokens_against_generate(static_run):
     assert check["tokens"] == 24 and record["settings"]["greedy_check_tokens"] == 24
     assert 0 < check["compared"] <= 24 and check["generate_stopped_at_eos"] == (check["compared"] < 24)
     assert check["equal"] is True and check["first_difference"] is None
-    assert lines[-3] == f"static decode, greedy: the same tokens as generate over {check['compared']}"
+    assert lines[-4] == f"static decode, greedy: the same tokens as generate over {check['compared']}"
 
 
 def test_decode_static_turn_2_prefills_only_the_question(static_run):
@@ -154,4 +154,19 @@ def test_decode_static_turn_2_prefills_only_the_question(static_run):
     # turn 1's context and its reply (all but the last token, never fed back) come from the cache
     question = static["turn2_context_positions"] - static["context_positions"] - static["decode_tokens"]
     assert static["turn2_prefilled_positions"] == question + 1 and question > 5
-    assert lines[-4].startswith(f"static decode, turn 2: TTFT ") and f"{question + 1} of {static['turn2_context_positions']} positions prefilled" in lines[-4]
+    assert lines[-5].startswith(f"static decode, turn 2: TTFT ") and f"{question + 1} of {static['turn2_context_positions']} positions prefilled" in lines[-5]
+
+
+def test_decode_static_captions_the_images_in_one_batch_against_answer_batch(static_run):
+    # Three images, one question: one batch of three rows through Chat(engine=HFEngine(decode="static")),
+    # each caption held to --caption-tokens (the run fails otherwise), timed as answer_batch is.
+    record, lines = static_run
+    default = record["runs"]["none"]["default"]
+    captions = default["static_decode"]["captioning"]
+    assert captions["images"] == 3 and captions["new_tokens"] == 5 and captions["batched_s"]["iters"] == 1
+    assert finite(captions["images_per_s"]) and captions["images_per_s"] > 0
+    assert captions["vs_answer_batch"] == pytest.approx(captions["images_per_s"] / default["captioning"]["images_per_s"]["batched"])
+    goal = record["goals"]["static_captioning_vs_answer_batch"]
+    assert goal["value"] == captions["vs_answer_batch"] and goal["target"] == 2.0 and goal["at_least"] is True
+    assert lines[-3].startswith("static decode, captioning 3 images in one batch: ")
+    assert lines[-3].endswith(f"{captions['vs_answer_batch']:.2f}x the default mode's answer_batch")

@@ -12,7 +12,7 @@ from transformers import StoppingCriteriaList
 from conftest import first_stop, text_of
 from minigpt4.conversation import CONV_VISION_Vicuna0, Chat, StopCriteria
 from minigpt4.conversation import decode as decode_module
-from minigpt4.conversation.decode import cache_length, decode, record, stream_decode
+from minigpt4.conversation.decode import cache_length, decode, decode_rows, record, stream_decode, stream_decode_rows
 from minigpt4.conversation.stopping import NO_TOKEN
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
@@ -117,21 +117,28 @@ def test_one_new_token_is_the_prefill_token(tiny):
 
 
 def test_device_stop_check_agrees_with_the_oracle(tiny):
-    # Random streams of "#" pieces and words: the step's in-place check (a window of the last
-    # tokens through StopStringCriteria) stops where the text first holds "###", as cut() does.
+    # Random streams of "#" pieces and words, as the rows of one batch: the step's in-place check (a
+    # window of each row's last tokens through StopStringCriteria) stops each row where its text
+    # first holds "###", as cut() does, and a stopped row stops counting while the others go on.
     _, _, tokenizer, _ = tiny
     stop = stops(tokenizer)
     alphabet = [i for i in range(len(tokenizer)) if "#" in text_of(tokenizer, [i])] + tokenizer("The red square", add_special_tokens=False).input_ids
     rng = random.Random(0)
-    for _ in range(300):
-        stream = [rng.choice(alphabet) for _ in range(12)]
-        tokens, written, count = torch.zeros(12, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
-        done, window = torch.zeros(1, dtype=torch.bool), torch.full((stop.window,), NO_TOKEN, dtype=torch.long)
-        for token in stream:
-            record(torch.tensor([token]), tokens, written, count, done, window, stop)
-        expected = first_stop(tokenizer, stream, "###", [tokenizer.eos_token_id]) or len(stream)
-        assert int(count) == len(stop.cut(stream)) == expected, stream
-        assert bool(done) == (first_stop(tokenizer, stream, "###", [tokenizer.eos_token_id]) is not None)
+    streams = [[rng.choice(alphabet) for _ in range(12)] for _ in range(300)]
+    rows = len(streams)
+    tokens, written = torch.zeros(rows, 12, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    count, done = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.bool)
+    window = torch.full((rows, stop.window), NO_TOKEN, dtype=torch.long)
+    for step in zip(*streams):
+        record(torch.tensor(step), tokens, written, count, done, window, stop)
+    assert tokens.tolist() == streams
+    stopped = 0
+    for stream, counted, ended in zip(streams, count.tolist(), done.tolist()):
+        first = first_stop(tokenizer, stream, "###", [tokenizer.eos_token_id])
+        assert counted == len(stop.cut(stream)) == (first or len(stream)), stream
+        assert ended == (first is not None)
+        stopped += first is not None and first < len(stream)
+    assert 30 < stopped < rows - 30  # rows that stop early and rows that do not, side by side
 
 
 def test_cache_is_bucketed_and_kept_between_answers(tiny):
@@ -242,6 +249,87 @@ def test_the_step_traces_as_one_graph(tiny):
         decode_module._compiled.clear()
 
 
+# ---- B contexts of one length, side by side (answer_batch's captions) ------------------------------
+@pytest.fixture(scope="module")
+def rows(tiny, tiny_models, tiny_images):
+    """Three images and questions of one length: three contexts, stacked (3, positions, hidden).
+    (The tiny model's random vision side hardly tells the images apart; the questions differ.)"""
+    chat = Chat(tiny_models["vicuna0"], Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0)
+    questions = ["What is on the picture?", "Who is in the picture?", "What was in the picture?"]
+    contexts = [context(chat, image, question) for image, question in zip(tiny_images, questions)]
+    assert len({c.shape for c in contexts}) == 1
+    return torch.cat(contexts)
+
+
+@pytest.mark.parametrize("steps_per_sync", [1, 8])
+def test_rows_decode_as_generate_writes_each_alone_and_stop_on_their_own(tiny, rows, steps_per_sync):
+    llm, embeds, tokenizer, free = tiny
+    free_rows = [generate(llm, row.unsqueeze(0), N) for row in rows]
+
+    def stops_at(token: int) -> list[int]:
+        return [reply.index(token) + 1 if token in reply else N for reply in free_rows]
+
+    # An "EOS" that row 0 writes mid-reply and each row meets at another step (or never).
+    eos = next(t for t in free_rows[0][12:] if len(set(stops_at(t))) == 3 and stops_at(t)[0] > 12)
+    stop = stops(tokenizer, None, eos_ids=[eos])
+    expected = [generate(llm, row.unsqueeze(0), N, stop) for row in rows]
+    assert [len(e) for e in expected] == stops_at(eos)
+    assert decode_rows(llm, rows, N, stop, steps_per_sync=steps_per_sync) == expected
+    # Without a stop each row writes all N tokens; streamed, a row's chunks add up to its reply.
+    streamed = [[] for _ in rows]
+    for chunks in stream_decode_rows(llm, rows, N, steps_per_sync=steps_per_sync):
+        assert len(chunks) == 3
+        for row, chunk in zip(streamed, chunks):
+            row += chunk
+    assert streamed == [generate(llm, row.unsqueeze(0), N) for row in rows]
+
+
+def test_a_batch_leaves_nothing_for_the_next_turn_and_the_conversation_starts_afresh(tiny, rows):
+    llm, embeds, tokenizer, free = tiny
+    decode(llm, embeds, 12)
+    assert decode_rows(llm, rows, 12)[1] == generate(llm, rows[1:2], 12)
+    assert decode_module._buffers[llm].rows == 3 and decode_module._buffers[llm].held is None
+    assert decode(llm, embeds, N) == free  # its own cache again, prefilled from the start
+    assert decode_module._buffers[llm].reused == 0
+
+
+def test_seeded_rows_sample_reproducibly_and_each_their_own(tiny, rows):
+    llm, embeds, _, free = tiny
+
+    def sampled(seed: int, steps_per_sync: int = 8) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(seed)
+        return decode_rows(llm, rows, 24, do_sample=True, temperature=1.5, top_p=0.95, generator=generator, steps_per_sync=steps_per_sync)
+
+    first = sampled(0)
+    assert sampled(0, steps_per_sync=1) == first
+    assert sampled(1) != first
+    assert len({tuple(row) for row in first}) == 3
+    greedy = decode_rows(llm, rows, 24, do_sample=True, temperature=1e-4, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    assert greedy == decode_rows(llm, rows, 24)
+
+
+def test_rows_trace_as_one_graph(tiny, rows):
+    llm, embeds, tokenizer, free = tiny
+    vicuna = stops(tokenizer)
+    decode_module._compiled["step"] = torch.compile(decode_module.decode_one_token, backend="eager", fullgraph=True, dynamic=False)
+    decode_module._compiled["prefill"] = torch.compile(decode_module.prefill_padded, backend="eager", fullgraph=True, dynamic=False)
+    try:
+        eager = decode_rows(llm, rows, N, vicuna)
+        # The first batch prefills eagerly (its cache does not exist yet); the second, padded, in the graph.
+        assert decode_rows(llm, rows, N, vicuna, compile=True) == eager
+        assert decode_rows(llm, rows, N, vicuna, compile=True) == eager
+    finally:
+        decode_module._compiled.clear()
+
+
+def test_rows_of_the_wrong_shape_are_refused_by_name(tiny, rows):
+    llm, embeds, _, _ = tiny
+    with pytest.raises(ValueError, match=r"inputs_embeds: expected \(1, positions, hidden\) for batch 1, got \(3,"):
+        decode(llm, rows, 4)
+    with pytest.raises(ValueError, match="inputs_embeds: expected"):
+        decode_rows(llm, rows[0], 4)
+
+
 @pytest.mark.slow
 def test_a_long_conversation_compiles_once_per_cache_size_and_never_hits_the_limit(tiny):
     # Five cache sizes, greedy and sampled: ten variants of the step (and more of the prefill), past
@@ -319,6 +407,16 @@ def test_nano_greedy_equals_generate(nano_chat, tiny_images, steps_per_sync):
     assert decode(llm, embeds, N, steps_per_sync=steps_per_sync) == free and len(free) == N
     stopped = generate(llm, embeds, N, chat.stop)
     assert decode(llm, embeds, N, chat.stop, steps_per_sync=steps_per_sync) == stopped
+
+
+@pytest.mark.gpu
+def test_cuda_graph_rows_equal_generate_row_by_row(tiny, rows):
+    llm, _, tokenizer, _ = tiny
+    llm, rows = copy.deepcopy(llm).cuda(), rows.cuda()
+    vicuna = stops(tokenizer)
+    expected = [generate(llm, row.unsqueeze(0), N, vicuna) for row in rows]
+    for _ in range(3):  # the first prefills eagerly and captures the step, the second the prefill; then replays
+        assert decode_rows(llm, rows, N, vicuna, compile=True) == expected
 
 
 @pytest.mark.gpu

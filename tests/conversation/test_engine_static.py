@@ -2,7 +2,8 @@
 
 What a user of ``Chat(decode="static")`` (or ``serve --decode static``) meets: the same replies as
 ``generate`` under greedy decoding, streamed, cut at the request's own stop strings, seeded samples
-that repeat, batches still batched, and a clear refusal of a setting the loop does not have.
+that repeat, batches of one context length decoded side by side by the loop (and of several
+lengths by ``generate``), and a clear refusal of a setting the loop does not have.
 """
 from __future__ import annotations
 
@@ -77,13 +78,13 @@ def test_every_answer_decodes_on_the_same_thread(long_chats, tiny_images, monkey
     from minigpt4.conversation import engines
 
     _, static = long_chats
-    threads, original = [], engines.stream_decode
+    threads, original = [], engines.stream_decode_rows
 
     def recording(*args, **kwargs):
         threads.append(threading.get_ident())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engines, "stream_decode", recording)
+    monkeypatch.setattr(engines, "stream_decode_rows", recording)
     for image in tiny_images:
         static.reply(*conversation(static, image, "What is in the picture?"), **GREEDY)
         time.sleep(0.2)  # the queue's worker thread ends when the queue is empty
@@ -141,10 +142,55 @@ def test_a_setting_the_loop_does_not_have_is_refused_by_name_and_the_engine_goes
     assert static.reply(*conversation(static, tiny_images[0], "What is in the picture?"), **GREEDY).text == expected.text
 
 
-def test_batches_still_go_to_generate(chats, tiny_images):
+def loop_rows(monkeypatch) -> list[int]:
+    """The number of rows of each call of the static loop, from now on."""
+    from minigpt4.conversation import engines
+
+    calls, original = [], engines.stream_decode_rows
+
+    def recording(llm, inputs_embeds, *args, **kwargs):
+        calls.append(inputs_embeds.shape[0])
+        return original(llm, inputs_embeds, *args, **kwargs)
+
+    monkeypatch.setattr(engines, "stream_decode_rows", recording)
+    return calls
+
+
+def test_a_batch_of_one_length_runs_in_the_loop_and_of_several_in_generate(chats, tiny_images, monkeypatch):
     plain, static = chats
-    questions = ["What is in the picture?"] * len(tiny_images)
-    assert static.answer_batch(tiny_images, questions, **GREEDY) == plain.answer_batch(tiny_images, questions, **GREEDY)
+    calls = loop_rows(monkeypatch)
+    one = "What is in the picture?"  # one question: the contexts are of one length (answer_batch's captions)
+    assert static.answer_batch(tiny_images, one, **GREEDY) == plain.answer_batch(tiny_images, one, **GREEDY)
+    assert calls == [3]
+    several = ["What is in the picture?", "Describe it.", "What colour is the square on the left?"]
+    assert static.answer_batch(tiny_images, several, **GREEDY) == plain.answer_batch(tiny_images, several, **GREEDY)
+    assert calls == [3]  # left-padded by generate
+
+
+def test_rows_of_a_batch_keep_their_own_limits_and_stop_strings(long_chats, tiny_images, monkeypatch):
+    # Requests with different max_new_tokens and stop strings share a greedy batch: each row ends
+    # as it ends with generate (the same tokens, the same finish reason).
+    plain, static = long_chats
+    free = plain.reply(*conversation(plain, tiny_images[2], "What is in the picture?"), **GREEDY)
+    word = re.search(r"[a-z]{4,}", free.text[4:])
+    assert word, free.text
+
+    def requests(chat: Chat) -> list:
+        out = []
+        for image, limit, stop in zip(tiny_images, (40, 7, 40), ((), (), (word.group(),))):
+            conv, img_list = conversation(chat, image, "What is in the picture?")
+            conv.append_message(conv.roles[1], None)
+            context = chat.get_context_emb(conv.get_prompt(), img_list)
+            generation = chat.generation_kwargs(do_sample=False, max_new_tokens=limit)
+            out.append(chat.engine_request({**generation, "inputs_embeds": context}, stop=stop))
+        return out
+
+    calls = loop_rows(monkeypatch)
+    expected, got = plain.engine.generate_many(requests(plain)), static.engine.generate_many(requests(static))
+    assert calls == [3]
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert [r.finish_reason for r in got] == [r.finish_reason for r in expected] == ["length", "length", "stop"]
+    assert len(got[1].token_ids) == 7 and len(got[2].token_ids) < len(got[0].token_ids) == 40
 
 
 def test_wrong_settings_say_what_is_wrong(tiny_models):
@@ -170,6 +216,9 @@ def test_on_a_gpu_the_step_is_a_cuda_graph_and_the_replies_are_generates(tiny_mo
         expected = plain.reply(*conversation(plain, image, "What is in the picture?"), **GREEDY)
         got = static.reply(*conversation(static, image, "What is in the picture?"), **GREEDY)
         assert got.result.token_ids == expected.result.token_ids and got.text == expected.text
+    for _ in range(2):  # a batch of captions: its own graphs, captured, then replayed
+        one = "What is in the picture?"
+        assert static.answer_batch(tiny_images, one, **GREEDY) == plain.answer_batch(tiny_images, one, **GREEDY)
 
 
 def test_min_new_tokens_keeps_an_eos_from_the_first_token_as_generate_does(tiny_models, tiny_images):

@@ -17,6 +17,7 @@ import sys
 from typing import Sequence
 
 from minigpt4.chat import DEFAULT_CFG
+from minigpt4.conversation.engines import DECODES, ENGINES
 
 logger = logging.getLogger("minigpt4.serve")
 
@@ -28,11 +29,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cfg-path", default=str(DEFAULT_CFG), help="evaluation config (default: the nano model)")
     parser.add_argument("--options", nargs="+", default=[], help="override config settings, key=value")
     parser.add_argument("--gpu-id", type=int, default=0, help="GPU for the model (the hf engine) or the vision side (vllm)")
-    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers in this process; vllm: the LLM on a vLLM server")
+    parser.add_argument("--engine", choices=ENGINES, default="hf", help="hf: transformers in this process; vllm: the LLM on a vLLM server")
     parser.add_argument("--engine-url", help="the vLLM server, e.g. http://127.0.0.1:8001 (started with --enable-prompt-embeds)")
-    parser.add_argument("--decode", choices=("generate", "static"), default="generate",
-                        help="the hf engine's way of writing a request that runs alone: transformers generate, or our "
-                             "static-cache loop (its step one CUDA graph on a GPU); batches always use generate")
+    parser.add_argument("--decode", choices=DECODES, default="generate",
+                        help="the hf engine's way of writing a request, or a batch of contexts of one length: transformers "
+                             "generate, or our static-cache loop (its step one CUDA graph on a GPU); other batches use generate")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", help="the model id clients name (default: minigpt4-<model_type>, e.g. minigpt4-nano)")
