@@ -35,8 +35,8 @@ query tokens and the same text). Every state tensor has a row per context; a row
 stops counting while the others go on, and the loop ends when every row has stopped. Contexts of
 different lengths would need a padding mask and per-row positions: they keep using ``generate``.
 The in-process engine built with ``decode="static"`` (``HFEngine``, ``Chat``, ``load_chat``,
-``serve --decode static``) runs a request that runs alone, and a batch whose contexts are of one
-length, with this loop.
+``serve --decode static``) runs a request that runs alone, and one caller's batch whose contexts
+are of one length, with this loop. Each number of rows is a compiled graph of its own.
 """
 from __future__ import annotations
 

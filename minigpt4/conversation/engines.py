@@ -13,12 +13,13 @@ engine's reply is cleaned the same way.
   settings, left-padded with an attention mask (as ``Chat.answer_batch``), each row stopped on its
   own and handed back as soon as it is done. Under greedy decoding a row gets the tokens it gets
   alone. A seeded sampling request runs alone, so its seed means what it says.
-  With ``decode="static"`` a request that runs alone, and a batch whose contexts are of one length
-  (``Chat.answer_batch``'s captions of one prompt), are written by :mod:`~minigpt4.conversation.decode`
+  With ``decode="static"`` a request that runs alone, and one caller's batch whose contexts are of
+  one length (``Chat.answer_batch``'s captions of one prompt), are written by :mod:`~minigpt4.conversation.decode`
   instead (a static cache, the one-token step as one CUDA graph on a GPU, the host reading the
   tokens every ``steps_per_sync`` steps): the same tokens as ``generate`` under greedy decoding,
-  a sample from the same distribution when sampling. A batch of contexts of several lengths still
-  goes to ``generate`` (the loop has no padding mask). The loop keeps the last answer's positions in its own cache, so a request whose
+  a sample from the same distribution when sampling. A batch of contexts of several lengths, and
+  the queue's batches of concurrent requests (whose size changes with the load: each size would be
+  a compiled graph of its own), still go to ``generate``. The loop keeps the last answer's positions in its own cache, so a request whose
   context starts the same way (the next turn of that conversation) prefills only the rest. It
   refuses settings the loop does not have (``EngineRequestError``).
 - :class:`VLLMEngine` (``vllm``): the LLM runs on a vLLM server started with
@@ -466,11 +467,15 @@ class HFEngine(_BatchQueue, Engine):
         if self.decode == "static":
             for row in rows:  # one rule for every request, whichever way it runs
                 static_options(row.request)
-            if len({row.request.inputs_embeds.shape[1] for row in rows}) == 1:
+            # The loop takes a request alone, or one caller's batch (answer_batch) of contexts of one
+            # length: its size is the caller's, so a few compiled graphs serve it. Contexts of several
+            # lengths would need a padding mask and per-row positions; the queue's batches of
+            # concurrent requests change size with the load, and each size would be a graph (and a
+            # compilation) of its own. generate runs those.
+            one_caller = len(rows) == 1 or len(jobs) == 1
+            if one_caller and len({row.request.inputs_embeds.shape[1] for row in rows}) == 1:
                 self._run_static(rows)
                 return
-            # Contexts of several lengths would need a padding mask and per-row positions in the
-            # loop: generate runs them (the module doc of decode says so).
         first = rows[0].request
         kwargs = self._generate_kwargs(rows)
         # Beam search cannot stream, and a caller's own streamer takes the only place.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -142,14 +143,16 @@ def test_a_setting_the_loop_does_not_have_is_refused_by_name_and_the_engine_goes
     assert static.reply(*conversation(static, tiny_images[0], "What is in the picture?"), **GREEDY).text == expected.text
 
 
-def loop_rows(monkeypatch) -> list[int]:
-    """The number of rows of each call of the static loop, from now on."""
+def loop_rows(monkeypatch, hold: float = 0.0) -> list[int]:
+    """The number of rows of each call of the static loop, from now on; each call first waits
+    ``hold`` seconds (so that other threads' requests queue behind it)."""
     from minigpt4.conversation import engines
 
     calls, original = [], engines.stream_decode_rows
 
     def recording(llm, inputs_embeds, *args, **kwargs):
         calls.append(inputs_embeds.shape[0])
+        time.sleep(hold)
         return original(llm, inputs_embeds, *args, **kwargs)
 
     monkeypatch.setattr(engines, "stream_decode_rows", recording)
@@ -165,6 +168,26 @@ def test_a_batch_of_one_length_runs_in_the_loop_and_of_several_in_generate(chats
     several = ["What is in the picture?", "Describe it.", "What colour is the square on the left?"]
     assert static.answer_batch(tiny_images, several, **GREEDY) == plain.answer_batch(tiny_images, several, **GREEDY)
     assert calls == [3]  # left-padded by generate
+
+
+def test_concurrent_requests_the_queue_batches_together_go_to_generate(long_chats, tiny_images, monkeypatch):
+    # Their number changes with the load: each number of rows would be a compiled graph of its own.
+    plain, static = long_chats
+    question = "What is in the picture?"
+    alone = [plain.reply(*conversation(plain, image, question), **GREEDY) for image in tiny_images]
+    calls = loop_rows(monkeypatch, hold=0.5)
+    batched, generate = [], static.model.llama_model.generate
+
+    def counted(**kwargs):
+        batched.append(kwargs["inputs_embeds"].shape[0])
+        return generate(**kwargs)
+
+    monkeypatch.setattr(static.model.llama_model, "generate", counted)
+    with ThreadPoolExecutor(len(tiny_images)) as pool:
+        together = list(pool.map(lambda image: static.reply(*conversation(static, image, question), **GREEDY), tiny_images))
+    assert [r.result.token_ids for r in together] == [r.result.token_ids for r in alone]
+    assert set(calls) <= {1} and batched and max(batched) > 1, (calls, batched)  # the loop: requests alone only
+    assert sum(calls) + sum(batched) == len(tiny_images)
 
 
 def test_rows_of_a_batch_keep_their_own_limits_and_stop_strings(long_chats, tiny_images, monkeypatch):

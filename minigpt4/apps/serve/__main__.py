@@ -32,8 +32,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine", choices=ENGINES, default="hf", help="hf: transformers in this process; vllm: the LLM on a vLLM server")
     parser.add_argument("--engine-url", help="the vLLM server, e.g. http://127.0.0.1:8001 (started with --enable-prompt-embeds)")
     parser.add_argument("--decode", choices=DECODES, default="generate",
-                        help="the hf engine's way of writing a request, or a batch of contexts of one length: transformers "
-                             "generate, or our static-cache loop (its step one CUDA graph on a GPU); other batches use generate")
+                        help="the hf engine's way of writing a request that runs alone: transformers generate, or our "
+                             "static-cache loop (its step one CUDA graph on a GPU); concurrent requests batched together use generate")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", help="the model id clients name (default: minigpt4-<model_type>, e.g. minigpt4-nano)")
