@@ -59,6 +59,11 @@ reported as its median with its spread (``min_s``, ``p25_s``, ``median_s``, ``p7
   decoded side by side), timed as the default mode's batched call and against it in this process
   (``vs_answer_batch``, the goal at least 2x). Its captions are held to ``--caption-tokens`` by
   the blanked stop check rather than the forced words (the loop takes no logits processor).
+  ``static_decode.profile``: one answer of ``--profile-tokens`` tokens (64) by the loop and by
+  ``generate`` on the same context under ``torch.profiler`` (``common.profile``): per token the
+  wall time and, on a GPU, the kernels' time and their share of it, the CUDA runtime calls (graph
+  replays, single launches, copies, waits), and the heaviest kernels and host ops: where a gap to
+  the bandwidth limit comes from, measured in the same run as the figure.
 - captioning (fp16): the same ``--caption-images`` images, ``--caption-tokens`` new tokens each
   (forced as above, every length checked), the image preprocessing and encoding included. The
   ``reference`` mode captions them one at a time as a user of the original does: for each image a
@@ -418,6 +423,25 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
     prefilled = turn2.shape[1] - decode_module._buffers[llm].reused
     forget(llm)
     check = greedy_vs_generate(args, chat, embeds, loop)
+    profiles = None
+    if args.profile_tokens:
+        k = args.profile_tokens
+
+        def static_answer() -> list[int]:
+            forget(llm)  # a whole answer: the prefill, then k - 1 steps
+            with model.maybe_autocast(model.autocast_dtype):
+                return loop(llm, embeds, k, cache_positions=positions)
+
+        def generate_answer() -> torch.Tensor:
+            with torch.no_grad(), model.maybe_autocast(model.autocast_dtype):
+                return llm.generate(inputs_embeds=embeds, max_new_tokens=k, min_new_tokens=k, do_sample=False)[0]
+
+        try:
+            generate_answer()  # warm-up (the loop's graphs are already captured for this cache size)
+            profiles = {"static": common.profile(static_answer, chat.device, len), "generate": common.profile(generate_answer, chat.device, len)}
+        except Exception as err:  # the profile explains the figures above; it must not cost them
+            logger.exception("the profile failed")
+            profiles = {"error": f"{type(err).__name__}: {err}"}
     return {
         "steps_per_sync": args.steps_per_sync,
         "compiled": compiled,
@@ -430,6 +454,7 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
         "turn2_context_positions": turn2.shape[1],
         "turn2_prefilled_positions": prefilled,
         "greedy_vs_generate": check,
+        "profile": profiles,
     }
 
 
@@ -720,6 +745,15 @@ def table(runs: dict[str, dict[str, Any]], ratios: dict[str, Any], captioning: d
             f"static decode, greedy: {'the same' if check['equal'] else 'NOT the same'} tokens as generate over {check['compared']}"
             + ("" if check["first_difference"] is None else f" (first difference at token {check['first_difference']})")
         )
+        profiles = static.get("profile") or {}
+        if "error" in profiles:
+            lines.append(f"profile: failed: {profiles['error']}")
+        for name, profiled in profiles.items() if "error" not in profiles else ():
+            lines.append(
+                f"profile, {name} ({profiled['units']} tokens): {profiled['wall_ms_per_unit']:.2f} ms/token, "
+                f"kernels {common.fmt(profiled['device_busy_ms_per_unit'], '.2f')} ms/token "
+                f"({common.fmt(profiled['device_busy_share'], '.0%')} busy)"
+            )
         captions = static.get("captioning")
         if captions:
             lines.append(
@@ -750,6 +784,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-per-sync", type=int, default=8, help="--decode static: steps between host reads")
     parser.add_argument("--greedy-check-tokens", type=int, default=200,
                         help="--decode static: greedy tokens compared with generate's on the same context")
+    parser.add_argument("--profile-tokens", type=int, default=64,
+                        help="--decode static: profile an answer of this many tokens by the loop and by generate (0: none)")
     parser.add_argument("--decode-tokens", type=int, default=256, help="turn 1's reply length, the decode measurement")
     parser.add_argument("--repeats", type=int, default=20, help="timed turns of each TTFT (median and spread reported)")
     parser.add_argument("--caption-images", type=int, default=16,
@@ -821,7 +857,7 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": args.repeats, "caption_images": args.caption_images, "caption_tokens": args.caption_tokens,
             "caption_repeats": args.caption_repeats,
             "max_length": args.max_length, "decode": args.decode, "steps_per_sync": args.steps_per_sync,
-            "greedy_check_tokens": args.greedy_check_tokens,
+            "greedy_check_tokens": args.greedy_check_tokens, "profile_tokens": args.profile_tokens,
             "template": "pretrain_vicuna0", "questions": [QUESTION_1, QUESTION_2],
         },
         "shapes": {

@@ -137,6 +137,50 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, iters: 
     return spread(times)
 
 
+# CUDA runtime calls a profile counts: a graph replay, a kernel launched on its own, a copy, a wait.
+RUNTIME_CALLS = ("cudaGraphLaunch", "cudaLaunchKernel", "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+
+def profile(run: Callable[[], Any], device: torch.device, units: Callable[[Any], int], top: int = 8) -> dict[str, Any]:
+    """Where one call of ``run`` spends its time, by ``torch.profiler`` (warm it up first).
+
+    Per unit (``units(run())``, e.g. the tokens it wrote): the wall time, and on a GPU the time its
+    kernels ran (``device_busy_ms_per_unit``) and their share of the wall time: near 1 the device
+    is the bound (then ``top_kernels`` says which), well below 1 the host is (then ``top_host_ops``
+    and ``runtime_calls``: graph replays, single kernel launches, copies, waits). The profiler slows
+    the host side, so these say where the time goes, not how fast it is (the timed runs say that).
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    synchronize(device)
+    with torch_profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        start = time.perf_counter()
+        count = units(run())
+        synchronize(device)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            kernels.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e3)
+    busy_ms = sum(sum(times) for times in kernels.values()) if cuda else None
+    host = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
+    calls = {e.key: e.count for e in host if e.key in RUNTIME_CALLS}
+    host.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    heaviest = sorted(kernels.items(), key=lambda item: sum(item[1]), reverse=True)[:top]
+    return {
+        "units": count,
+        "wall_ms_per_unit": wall_ms / count,
+        "device_busy_ms_per_unit": None if busy_ms is None else busy_ms / count,
+        "device_busy_share": None if busy_ms is None else busy_ms / wall_ms,
+        "runtime_calls_per_unit": {name: calls.get(name, 0) / count for name in RUNTIME_CALLS} if cuda else None,
+        "top_kernels": [{"name": name[:160], "ms": sum(times), "count": len(times)} for name, times in heaviest],
+        "top_host_ops": [{"name": e.key[:160], "self_ms": e.self_cpu_time_total / 1e3, "count": e.count} for e in host[:top]],
+    }
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -23,7 +23,8 @@ the copy back):
    ``generate``'s (eager and transformers' compiled static cache), its turn-2 TTFT against the
    reference's, its greedy tokens against ``generate``'s at 7B fp16 over 200 tokens; TTFT of 20
    turns and memory including the load in every mode; captioning 16 images against the
-   reference's one image at a time, and the loop's batch of 16 against ``answer_batch``.
+   reference's one image at a time, and the loop's batch of 16 against ``answer_batch``; a profile
+   of one answer by the loop and by ``generate`` (kernel time per token, the GPU's busy share).
 5. ``train_stage1``, ``train_stage2``: ``bench_train.py`` with the reference and the mode a user
    of that stage runs: ``default+packed+compile`` for stage 1 (its random crops rule out the
    feature cache), ``default+cache+packed+compile`` for stage 2.
@@ -84,7 +85,7 @@ def steps(tiny: bool, out: Path, py: str) -> list[dict[str, Any]]:
         # (the reference's one image at a time, answer_batch, and the loop's batch of 16).
         dict(name="static_decode", cap=300, record=record,
              command=[*chat, "--quant", "none", "--modes", "reference", "default", "--compile", "--decode", "static",
-                      *small_chat, *(["--greedy-check-tokens", "12", "--caption-images", "2"] if tiny else [])]),
+                      *small_chat, *(["--greedy-check-tokens", "12", "--caption-images", "2", "--profile-tokens", "8"] if tiny else [])]),
         # What a user of each stage runs: stage 1 cannot use the feature cache (its random crops).
         dict(name="train_stage1", cap=120, record=train_record,
              command=[*train, "--stage", "1", "--modes", "reference", "default+packed+compile", *small_train]),
@@ -171,7 +172,12 @@ def headline(name: str, record: dict[str, Any]) -> dict[str, Any]:
     static = fp16.get("default", {}).get("static_decode")
     if static:
         figures["static_decode"] = {k: static.get(k) for k in ("decode_tokens_per_s", "decode_fraction_of_limit", "vs_generate",
-                                                               "warmup_s", "greedy_vs_generate")}
+                                                               "warmup_s", "greedy_vs_generate", "captioning")}
+        # Where the time goes, per token: the loop's and generate's (the heaviest kernels are in the record).
+        figures["static_decode"]["profile"] = {
+            name: {k: v for k, v in profiled.items() if not k.startswith("top_")} if isinstance(profiled, dict) else profiled
+            for name, profiled in (static.get("profile") or {}).items()
+        }
     return figures
 
 

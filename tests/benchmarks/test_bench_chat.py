@@ -101,13 +101,20 @@ def test_the_table_comes_last(run):
     assert lines[header - 1].startswith("TTFT: the median of ")
 
 
+def line(lines: list[str], prefix: str) -> str:
+    """The one printed line that starts with ``prefix``."""
+    found = [text for text in lines if text.startswith(prefix)]
+    assert len(found) == 1, (prefix, lines[-12:])
+    return found[0]
+
+
 @pytest.fixture(scope="module")
 def static_run(tmp_path_factory) -> tuple[dict, list[str]]:
     out = tmp_path_factory.mktemp("bench_chat_static")
     cmd = [
         sys.executable, "benchmarks/bench_chat.py", "--tiny", "--quant", "none", "--modes", "default", "--decode", "static",
         "--steps-per-sync", "4", "--decode-tokens", "10", "--repeats", "1", "--greedy-check-tokens", "24",
-        "--caption-images", "3", "--caption-tokens", "5", "--caption-repeats", "1", "--out", str(out),
+        "--caption-images", "3", "--caption-tokens", "5", "--caption-repeats", "1", "--profile-tokens", "8", "--out", str(out),
     ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -123,7 +130,7 @@ def test_decode_static_times_the_static_loop_next_to_generate(static_run, run):
     assert finite(static["decode_tokens_per_s"]) and static["decode_tokens_per_s"] > 0
     assert finite(static["ttft_s"]["median_s"]) and static["ttft_s"]["median_s"] > 0
     assert static["vs_generate"] == pytest.approx(static["decode_tokens_per_s"] / default["decode_tokens_per_s"])
-    assert lines[-6].startswith("static decode (fp16, default, eager, sync every 4): ") and lines[-1].startswith("goals: ")
+    assert line(lines, "static decode (fp16, default, eager, sync every 4): ") and lines[-1].startswith("goals: ")
     assert "static_decode" not in run[0]["runs"]["none"]["default"]  # --decode generate (the default) leaves it out
 
 
@@ -144,7 +151,7 @@ def test_decode_static_checks_its_greedy_tokens_against_generate(static_run):
     assert check["tokens"] == 24 and record["settings"]["greedy_check_tokens"] == 24
     assert 0 < check["compared"] <= 24 and check["generate_stopped_at_eos"] == (check["compared"] < 24)
     assert check["equal"] is True and check["first_difference"] is None
-    assert lines[-4] == f"static decode, greedy: the same tokens as generate over {check['compared']}"
+    assert line(lines, "static decode, greedy: ") == f"static decode, greedy: the same tokens as generate over {check['compared']}"
 
 
 def test_decode_static_turn_2_prefills_only_the_question(static_run):
@@ -154,7 +161,7 @@ def test_decode_static_turn_2_prefills_only_the_question(static_run):
     # turn 1's context and its reply (all but the last token, never fed back) come from the cache
     question = static["turn2_context_positions"] - static["context_positions"] - static["decode_tokens"]
     assert static["turn2_prefilled_positions"] == question + 1 and question > 5
-    assert lines[-5].startswith(f"static decode, turn 2: TTFT ") and f"{question + 1} of {static['turn2_context_positions']} positions prefilled" in lines[-5]
+    assert f"{question + 1} of {static['turn2_context_positions']} positions prefilled" in line(lines, "static decode, turn 2: TTFT ")
 
 
 def test_decode_static_captions_the_images_in_one_batch_against_answer_batch(static_run):
@@ -168,5 +175,18 @@ def test_decode_static_captions_the_images_in_one_batch_against_answer_batch(sta
     assert captions["vs_answer_batch"] == pytest.approx(captions["images_per_s"] / default["captioning"]["images_per_s"]["batched"])
     goal = record["goals"]["static_captioning_vs_answer_batch"]
     assert goal["value"] == captions["vs_answer_batch"] and goal["target"] == 2.0 and goal["at_least"] is True
-    assert lines[-3].startswith("static decode, captioning 3 images in one batch: ")
-    assert lines[-3].endswith(f"{captions['vs_answer_batch']:.2f}x the default mode's answer_batch")
+    assert line(lines, "static decode, captioning 3 images in one batch: ").endswith(f"{captions['vs_answer_batch']:.2f}x the default mode's answer_batch")
+
+
+def test_decode_static_profiles_an_answer_by_the_loop_and_by_generate(static_run):
+    record, lines = static_run
+    assert record["settings"]["profile_tokens"] == 8
+    for name in ("static", "generate"):
+        profiled = record["runs"]["none"]["default"]["static_decode"]["profile"][name]
+        assert profiled["units"] == 8 and finite(profiled["wall_ms_per_unit"]) and profiled["wall_ms_per_unit"] > 0
+        # On the CPU: no kernels, no device share; the host's heaviest ops, matrix products among them.
+        assert profiled["device_busy_ms_per_unit"] is None and profiled["top_kernels"] == [] and profiled["runtime_calls_per_unit"] is None
+        ops = profiled["top_host_ops"]
+        assert 0 < len(ops) <= 8 and all(op["self_ms"] > 0 and op["count"] > 0 for op in ops)
+        assert any(op["name"] in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul") for op in ops), ops
+        assert line(lines, f"profile, {name} (8 tokens): ").endswith("kernels - ms/token (- busy)")

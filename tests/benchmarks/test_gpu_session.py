@@ -139,6 +139,7 @@ def test_the_whole_session_at_tiny_shapes(tmp_path):
                      "train_stage1/train_tiny.json", "train_stage2/train_tiny.json"}
     heads = summary["headlines"]
     assert heads["static_decode"]["static_decode"]["greedy_vs_generate"]["equal"] is True
+    assert heads["static_decode"]["static_decode"]["profile"]["static"]["units"] == 8
     goals = heads["static_decode"]["goals"]
     assert goals["captioning_batch_speedup"]["value"] > 0 and goals["static_captioning_vs_answer_batch"]["value"] > 0
     assert set(heads["train_stage1"]) == {"stage1"} and set(heads["train_stage1"]["stage1"]["ratios"]) == {"default+packed+compile"}
