@@ -64,6 +64,9 @@ reported as its median with its spread (``min_s``, ``p25_s``, ``median_s``, ``p7
   wall time and, on a GPU, the kernels' time and their share of it, the CUDA runtime calls (graph
   replays, single launches, copies, waits), and the heaviest kernels and host ops: where a gap to
   the bandwidth limit comes from, measured in the same run as the figure.
+- ``--profile-turn2``: every mode's record gets ``turn2_profile``, one more turn 2 (its first
+  token, from the same state as the timed ones) under the profiler: where a turn 2's time goes
+  (the ``default`` mode's 48 ms turn 2 on the H200 is unexplained).
 - captioning (fp16): the same ``--caption-images`` images, ``--caption-tokens`` new tokens each
   (forced as above, every length checked), the image preprocessing and encoding included. The
   ``reference`` mode captions them one at a time as a user of the original does: for each image a
@@ -330,6 +333,13 @@ def run_chat(args, chat: Chat, image: Image.Image, words: list[int], generation:
     peak_turn2 = common.peak_memory_gb(device)
     if peak_turn2 is not None:
         peak_turn2 -= cache_bytes(snapshot) / 2**30
+    turn2_profile = None
+    if args.profile_turn2:  # one more turn 2 (its first token), under the profiler
+        draft = conv.copy()
+        draft.kv_cache = clone_cache(snapshot)
+        chat.ask(QUESTION_2, draft)
+        turn2_profile = profiled(lambda: timed_answer(chat, draft, img_list, 1, words, **generation), device, lambda _: 1)
+        del draft
     return {
         "image_positions": img_list[0].shape[1],
         "encode_image_s": encode_s,
@@ -346,7 +356,26 @@ def run_chat(args, chat: Chat, image: Image.Image, words: list[int], generation:
         "decode_tokens_per_s_median_step": turn1["decode_tokens_per_s_median_step"],
         "upload_peak_gb": upload_peak,
         "peak_gb": common.max_known(peak_turn1, peak_turn2),
+        "turn2_profile": turn2_profile,
     }
+
+
+def profiled(run: Callable[[], Any], device: torch.device, units: Callable[[Any], int]) -> dict[str, Any]:
+    """:func:`common.profile`, or the error that stopped it: a profile explains the figures, it must not cost them."""
+    try:
+        return common.profile(run, device, units)
+    except Exception as err:
+        logger.exception("the profile failed")
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def profile_line(name: str, record: dict[str, Any]) -> str:
+    if "error" in record:
+        return f"profile, {name}: failed: {record['error']}"
+    return (
+        f"profile, {name} ({record['units']} token{'s' if record['units'] != 1 else ''}): {record['wall_ms_per_unit']:.2f} ms/token, kernels "
+        f"{common.fmt(record['device_busy_ms_per_unit'], '.2f')} ms/token ({common.fmt(record['device_busy_share'], '.0%')} busy)"
+    )
 
 
 def blanked(stop: StopCriteria) -> StopCriteria:
@@ -436,12 +465,8 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
             with torch.no_grad(), model.maybe_autocast(model.autocast_dtype):
                 return llm.generate(inputs_embeds=embeds, max_new_tokens=k, min_new_tokens=k, do_sample=False)[0]
 
-        try:
-            generate_answer()  # warm-up (the loop's graphs are already captured for this cache size)
-            profiles = {"static": common.profile(static_answer, chat.device, len), "generate": common.profile(generate_answer, chat.device, len)}
-        except Exception as err:  # the profile explains the figures above; it must not cost them
-            logger.exception("the profile failed")
-            profiles = {"error": f"{type(err).__name__}: {err}"}
+        generate_answer()  # warm-up (the loop's graphs are already captured for this cache size)
+        profiles = {"static": profiled(static_answer, chat.device, len), "generate": profiled(generate_answer, chat.device, len)}
     return {
         "steps_per_sync": args.steps_per_sync,
         "compiled": compiled,
@@ -729,6 +754,8 @@ def table(runs: dict[str, dict[str, Any]], ratios: dict[str, Any], captioning: d
                 f"{m['turn2_prefilled_positions']:>8} {m['decode_tokens_per_s']:>7.1f} {common.fmt(m['decode_fraction_of_limit'], '.0%'):>8} "
                 f"{common.fmt(m['peak_gb'], '.2f'):>8} {common.fmt(m['peak_including_load_gb'], '.2f'):>8} {common.fmt(1.0 if name == 'reference' else ratios.get(quant, {}).get(name, {}).get('ttft_turn2'), '.2f'):>11}"
             )
+    for quant, modes in runs.items():
+        lines += [profile_line(f"turn 2, {quant} {name}", m["turn2_profile"]) for name, m in modes.items() if measured(m) and m.get("turn2_profile")]
     static = runs.get("none", {}).get("default", {}).get("static_decode")
     if static:
         lines.append(
@@ -745,15 +772,7 @@ def table(runs: dict[str, dict[str, Any]], ratios: dict[str, Any], captioning: d
             f"static decode, greedy: {'the same' if check['equal'] else 'NOT the same'} tokens as generate over {check['compared']}"
             + ("" if check["first_difference"] is None else f" (first difference at token {check['first_difference']})")
         )
-        profiles = static.get("profile") or {}
-        if "error" in profiles:
-            lines.append(f"profile: failed: {profiles['error']}")
-        for name, profiled in profiles.items() if "error" not in profiles else ():
-            lines.append(
-                f"profile, {name} ({profiled['units']} tokens): {profiled['wall_ms_per_unit']:.2f} ms/token, "
-                f"kernels {common.fmt(profiled['device_busy_ms_per_unit'], '.2f')} ms/token "
-                f"({common.fmt(profiled['device_busy_share'], '.0%')} busy)"
-            )
+        lines += [profile_line(name, record) for name, record in (static.get("profile") or {}).items()]
         captions = static.get("captioning")
         if captions:
             lines.append(
@@ -786,6 +805,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="--decode static: greedy tokens compared with generate's on the same context")
     parser.add_argument("--profile-tokens", type=int, default=64,
                         help="--decode static: profile an answer of this many tokens by the loop and by generate (0: none)")
+    parser.add_argument("--profile-turn2", action="store_true", help="also profile one turn 2 (its first token) in each mode")
     parser.add_argument("--decode-tokens", type=int, default=256, help="turn 1's reply length, the decode measurement")
     parser.add_argument("--repeats", type=int, default=20, help="timed turns of each TTFT (median and spread reported)")
     parser.add_argument("--caption-images", type=int, default=16,
@@ -857,7 +877,7 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": args.repeats, "caption_images": args.caption_images, "caption_tokens": args.caption_tokens,
             "caption_repeats": args.caption_repeats,
             "max_length": args.max_length, "decode": args.decode, "steps_per_sync": args.steps_per_sync,
-            "greedy_check_tokens": args.greedy_check_tokens, "profile_tokens": args.profile_tokens,
+            "greedy_check_tokens": args.greedy_check_tokens, "profile_tokens": args.profile_tokens, "profile_turn2": args.profile_turn2,
             "template": "pretrain_vicuna0", "questions": [QUESTION_1, QUESTION_2],
         },
         "shapes": {

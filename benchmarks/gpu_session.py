@@ -24,7 +24,8 @@ the copy back):
    reference's, its greedy tokens against ``generate``'s at 7B fp16 over 200 tokens; TTFT of 20
    turns and memory including the load in every mode; captioning 16 images against the
    reference's one image at a time, and the loop's batch of 16 against ``answer_batch``; a profile
-   of one answer by the loop and by ``generate`` (kernel time per token, the GPU's busy share).
+   of one answer by the loop and by ``generate`` (kernel time per token, the GPU's busy share),
+   and of one turn 2 in each mode.
 5. ``train_stage1``, ``train_stage2``: ``bench_train.py`` with the reference and the mode a user
    of that stage runs: ``default+packed+compile`` for stage 1 (its random crops rule out the
    feature cache), ``default+cache+packed+compile`` for stage 2.
@@ -84,7 +85,7 @@ def steps(tiny: bool, out: Path, py: str) -> list[dict[str, Any]]:
         # fp16 as a whole: the reference, default and compile modes, the static loop, and captioning
         # (the reference's one image at a time, answer_batch, and the loop's batch of 16).
         dict(name="static_decode", cap=300, record=record,
-             command=[*chat, "--quant", "none", "--modes", "reference", "default", "--compile", "--decode", "static",
+             command=[*chat, "--quant", "none", "--modes", "reference", "default", "--compile", "--decode", "static", "--profile-turn2",
                       *small_chat, *(["--greedy-check-tokens", "12", "--caption-images", "2", "--profile-tokens", "8"] if tiny else [])]),
         # What a user of each stage runs: stage 1 cannot use the feature cache (its random crops).
         dict(name="train_stage1", cap=120, record=train_record,

@@ -114,7 +114,7 @@ def static_run(tmp_path_factory) -> tuple[dict, list[str]]:
     cmd = [
         sys.executable, "benchmarks/bench_chat.py", "--tiny", "--quant", "none", "--modes", "default", "--decode", "static",
         "--steps-per-sync", "4", "--decode-tokens", "10", "--repeats", "1", "--greedy-check-tokens", "24",
-        "--caption-images", "3", "--caption-tokens", "5", "--caption-repeats", "1", "--profile-tokens", "8", "--out", str(out),
+        "--caption-images", "3", "--caption-tokens", "5", "--caption-repeats", "1", "--profile-tokens", "8", "--profile-turn2", "--out", str(out),
     ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -190,3 +190,11 @@ def test_decode_static_profiles_an_answer_by_the_loop_and_by_generate(static_run
         assert 0 < len(ops) <= 8 and all(op["self_ms"] > 0 and op["count"] > 0 for op in ops)
         assert any(op["name"] in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul") for op in ops), ops
         assert line(lines, f"profile, {name} (8 tokens): ").endswith("kernels - ms/token (- busy)")
+
+
+def test_profile_turn2_profiles_one_more_turn_2_in_each_mode(static_run, run):
+    record, lines = static_run
+    profiled = record["runs"]["none"]["default"]["turn2_profile"]
+    assert profiled["units"] == 1 and finite(profiled["wall_ms_per_unit"]) and profiled["top_host_ops"]
+    assert line(lines, "profile, turn 2, none default (1 token): ")
+    assert run[0]["runs"]["none"]["default"]["turn2_profile"] is None  # only when asked for
