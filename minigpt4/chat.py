@@ -51,7 +51,7 @@ def load_chat(
     ``reuse_kv_cache=False`` re-encodes the whole conversation every turn, as the original.
     ``engine``: ``"hf"`` generates in this process; ``"vllm"`` sends the context embeddings to the
     vLLM server at ``engine_url`` (the vision side and the embedding of the prompt stay here).
-    ``decode``: how the hf engine writes an answer (or a batch of contexts of one length), ``"generate"`` or ``"static"``
+    ``decode``: how the hf engine writes an answer (or one ``answer_batch``), ``"generate"`` or ``"static"``
     (:class:`~minigpt4.conversation.engines.HFEngine`).
     """
     from minigpt4.common.config import Config, ConfigError

@@ -58,8 +58,8 @@ class Chat:
 
     ``engine`` generates (default: an in-process :class:`HFEngine` on ``model``); answering from
     several threads at once is safe, and the in-process engine batches those answers. ``decode``
-    is that default engine's way of writing an answer that runs alone, or a batch of contexts of
-    one length (:meth:`answer_batch` with one question): ``"generate"`` (transformers), or
+    is that default engine's way of writing an answer that runs alone, or one
+    :meth:`answer_batch`: ``"generate"`` (transformers), or
     ``"static"``, our static-cache loop whose one-token step runs as one CUDA graph on a GPU
     (:mod:`minigpt4.conversation.decode`; the same tokens under greedy decoding). The
     static loop keeps its own cache: an answer whose context starts as the last one's did (the next

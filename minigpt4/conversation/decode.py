@@ -29,14 +29,15 @@ What transformers offers and what it does not:
   It is the exponential race (argmax of probs / Exp(1)), a sample from the same distribution as
   ``generate``'s multinomial but not the same numbers.
 
-One conversation (:func:`stream_decode`), or B contexts of one length decoded side by side
-(:func:`decode_rows`: ``Chat.answer_batch``'s captions of one prompt, whose contexts are the image's
-query tokens and the same text). Every state tensor has a row per context; a row that stopped
-stops counting while the others go on, and the loop ends when every row has stopped. Contexts of
-different lengths would need a padding mask and per-row positions: they keep using ``generate``.
+One conversation (:func:`stream_decode`), or B contexts decoded side by side (:func:`decode_rows`:
+``Chat.answer_batch``'s, e.g. captions). Every state tensor has a row per context; a row that
+stopped stops counting while the others go on, and the loop ends when every row has stopped.
+Contexts of several lengths come left-padded, with their mask: the padding is masked out of every
+step's attention (the mask is fixed for the answer: only the padding is masked, and it stays where
+it is) and each row's positions count from its own first one, as ``generate`` does.
 The in-process engine built with ``decode="static"`` (``HFEngine``, ``Chat``, ``load_chat``,
-``serve --decode static``) runs a request that runs alone, and one caller's batch whose contexts
-are of one length, with this loop. Each number of rows is a compiled graph of its own.
+``serve --decode static``) runs a request that runs alone, and one caller's batch
+(``answer_batch``), with this loop. Each number of rows is a compiled graph of its own.
 """
 from __future__ import annotations
 
@@ -97,17 +98,23 @@ def record(token: torch.Tensor, tokens: torch.Tensor, written: torch.Tensor, cou
         done.logical_or_(stop(window))
 
 
-def prefill(llm, cache: StaticCache, inputs_embeds: torch.Tensor) -> torch.Tensor:
-    """(B, V) logits of the last prompt position; the prompt's keys and values go into ``cache``."""
-    return llm(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+def prefill(llm, cache: StaticCache, inputs_embeds: torch.Tensor, mask: torch.Tensor | None = None,
+            positions: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) logits of the last prompt position; the prompt's keys and values go into ``cache``.
+    Rows left-padded to one length: ``mask`` (B, cache size) zero on each row's padding, and
+    ``positions`` (B, N) each row's own positions (None: no padding)."""
+    return llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+               logits_to_keep=1).logits[:, -1]
 
 
-def prefill_padded(llm, cache: StaticCache, padded: torch.Tensor, last: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+def prefill_padded(llm, cache: StaticCache, padded: torch.Tensor, last: torch.Tensor, pad: torch.Tensor,
+                   mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`prefill` of ``padded`` (B, P, H), whose last ``pad`` positions are padding after the
     real ones (``last``: (1,), the index of the last real one): one fixed shape per ``P``, so it can
     be captured as a graph. The padding's keys and values land after the real ones and the cache's
     length is cut back past them: the next position overwrites them, and nothing attends to them."""
-    logits = llm(inputs_embeds=padded, cache=cache, use_cache=True, logits_to_keep=last).logits[:, -1]
+    logits = llm(inputs_embeds=padded, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                 logits_to_keep=last).logits[:, -1]
     for layer in cache.layers:
         layer.cumulative_length.sub_(pad)
     return logits
@@ -121,10 +128,14 @@ def prefill_length(positions: int) -> int | None:
     return length if length <= LARGEST_PREFILL else None
 
 
-def decode_one_token(llm, cache: StaticCache, tokens, written, count, done, window, stop, noise, temperature, top_p) -> None:
-    """One step, all on the device and in place: what one CUDA graph replays."""
+def decode_one_token(llm, cache: StaticCache, tokens, written, count, done, window, stop, noise, temperature, top_p,
+                     mask=None, lengths=None) -> None:
+    """One step, all on the device and in place: what one CUDA graph replays. Left-padded rows:
+    ``mask`` (B, cache size) zero on the padding, ``lengths`` (B,) each row's own context length."""
     last = tokens.index_select(1, written - 1)  # (B, 1)
-    logits = llm(inputs_embeds=llm.get_input_embeddings()(last), cache=cache, use_cache=True).logits[:, -1]
+    positions = None if lengths is None else (lengths + written - 1).unsqueeze(1)
+    logits = llm(inputs_embeds=llm.get_input_embeddings()(last), attention_mask=mask, position_ids=positions, cache=cache,
+                 use_cache=True).logits[:, -1]
     draws = None if noise is None else noise.index_select(0, written % noise.shape[0])[0]
     record(pick(logits, draws, temperature, top_p), tokens, written, count, done, window, stop)
 
@@ -146,22 +157,31 @@ def compiled_prefill() -> Callable:
     return _compiled["prefill"]
 
 
-def run_prefill(llm, b: _Buffers, new: torch.Tensor, compile: bool) -> torch.Tensor:
+def run_prefill(llm, b: _Buffers, new: torch.Tensor, compile: bool, mask: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) logits after prefilling ``new`` (B, N, H) into ``b.cache`` after what it keeps: captured
     and padded when ``compile`` and the padded positions fit (the cache must already exist: a graph
-    cannot allocate it), else eagerly."""
+    cannot allocate it), else eagerly. Rows left-padded to N (``lengths``: each row's own, ``mask``
+    as :func:`decode_one_token` takes it) start from an empty cache, each at its own position 0."""
     positions = new.shape[1]
+
+    def row_positions(n: int) -> torch.Tensor | None:
+        if lengths is None:
+            return None  # the model counts from the cache's length
+        return (torch.arange(n, device=new.device) - (positions - lengths)[:, None]).clamp(min=0)
+
     padded_length = prefill_length(positions) if compile else None
     filled = int(b.cache.get_seq_length()) if b.cache.layers[0].is_initialized else None
     if padded_length is None or filled is None or filled + padded_length > b.length:
-        return prefill(llm, b.cache, new)
+        return prefill(llm, b.cache, new, mask, row_positions(positions))
     padded = torch.zeros(new.shape[0], padded_length, new.shape[2], dtype=new.dtype, device=new.device)
     padded[:, :positions] = new
     last = torch.tensor([positions - 1], device=new.device)
     pad = torch.tensor(padded_length - positions, device=new.device)
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled_prefill()(llm, b.cache, padded, last, pad).clone()  # the graph's output is overwritten next replay
+        # The graph's output is overwritten by its next replay.
+        return compiled_prefill()(llm, b.cache, padded, last, pad, mask, row_positions(padded_length)).clone()
 
 
 class _Buffers:
@@ -181,6 +201,8 @@ class _Buffers:
         self.host_state = torch.zeros(2, rows, dtype=torch.long, pin_memory=pin)
         self.noise: torch.Tensor | None = None
         self.window: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # left-padded rows: (rows, length), False on the padding
+        self.lengths: torch.Tensor | None = None  # left-padded rows: each row's own context length
         # The (positions, hidden) input embeddings whose keys and values the cache holds, in order:
         # the last answer's context and the reply tokens fed back. None: nothing reusable (always,
         # for several rows: a batch of fresh contexts has no next turn).
@@ -284,6 +306,24 @@ def stream_decode(llm, inputs_embeds: torch.Tensor, max_new_tokens: int, *args: 
         rows.close()  # the loop records what the cache holds, however far it was read
 
 
+def left_padded_lengths(attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor | None:
+    """Each row's own context length (B,) from a left-padding ``attention_mask``; None when there
+    is no padding (no mask, or every position real). A mask of another kind is refused by name."""
+    if attention_mask is None:
+        return None
+    rows, positions = inputs_embeds.shape[:2]
+    if tuple(attention_mask.shape) != (rows, positions):
+        raise ValueError(f"attention_mask: expected ({rows}, {positions}) for inputs_embeds {tuple(inputs_embeds.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    real = attention_mask.to(device=inputs_embeds.device, dtype=torch.long)
+    lengths = real.sum(1)
+    # Left padding: each row is zeros, then ones to the end (at least one).
+    expected = torch.arange(positions, device=real.device) >= (positions - lengths)[:, None]
+    if not torch.equal(real.bool(), expected) or bool((lengths == 0).any()):
+        raise ValueError("attention_mask: expected left padding (each row zeros, then at least one 1 to the end)")
+    return None if bool((lengths == positions).all()) else lengths
+
+
 @torch.no_grad()
 def stream_decode_rows(
     llm,
@@ -298,8 +338,9 @@ def stream_decode_rows(
     compile: bool = False,
     suppress_first: Sequence[int] = (),
     cache_positions: int = 0,
+    attention_mask: torch.Tensor | None = None,
 ) -> Iterator[list[list[int]]]:
-    """B contexts of one length, ``inputs_embeds`` (B, positions, hidden), decoded side by side: at
+    """B contexts, ``inputs_embeds`` (B, positions, hidden), decoded side by side: at
     each host read (after the prefill's token, then every ``steps_per_sync`` steps), every row's new
     tokens (empty for a row that had stopped). Each row's tokens are what ``generate`` writes for
     that row alone, up to and including its own first stop (the same ids when greedy).
@@ -315,6 +356,11 @@ def stream_decode_rows(
     graph, for every turn of a conversation that fits). Run it in the model's autocast context, as
     ``generate`` is (``model.maybe_autocast``). Only a single row's cache is kept for a next call
     (:func:`stream_decode`); a batch's rows are fresh contexts, each its own conversation.
+
+    Contexts of several lengths come left-padded to one, with ``attention_mask`` (B, positions): 0
+    on each row's padding, then 1 (what ``engines.left_pad`` gives and ``generate`` takes). The
+    padding is masked out of every step's attention and each row counts its positions from its own
+    first one, so a row writes what it writes alone.
     """
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] < 1:
         raise ValueError(f"inputs_embeds: expected (rows, positions, hidden), got {tuple(inputs_embeds.shape)}")
@@ -323,8 +369,15 @@ def stream_decode_rows(
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise ValueError(f"temperature {temperature}, top_p {top_p}: sampling needs temperature > 0 and 0 < top_p <= 1")
     device, rows = inputs_embeds.device, inputs_embeds.shape[0]
+    lengths = left_padded_lengths(attention_mask, inputs_embeds)
     b = buffers_for(llm, cache_length(max(inputs_embeds.shape[1] + max_new_tokens, cache_positions)), rows, device)
     keep = b.keep(inputs_embeds)
+    mask = None
+    if lengths is not None:
+        # Fixed for the whole answer: the padding stays where it is, every later position is real.
+        mask = torch.ones(rows, b.length, dtype=torch.bool, device=device)
+        mask[:, : attention_mask.shape[1]] = attention_mask.bool()
+        mask, lengths = b.static("mask", mask), b.static("lengths", lengths)
     for t in (b.written, b.count, b.done):
         t.zero_()
     width = stop.window if stop is not None else 1
@@ -356,7 +409,7 @@ def stream_decode_rows(
         return [b.host_tokens[row, emitted[row] : counts[row]].tolist() for row in range(rows)], all(done)
 
     draw(0)
-    logits = run_prefill(llm, b, inputs_embeds[:, keep:], compile)
+    logits = run_prefill(llm, b, inputs_embeds[:, keep:], compile, mask, lengths)
     if suppress_first:
         logits[:, list(suppress_first)] = -float("inf")
     record(pick(logits, None if noise is None else noise[0], b.temperature, b.top_p), *state)
@@ -372,7 +425,7 @@ def stream_decode_rows(
                     draw(written + i)
                     if compile:
                         torch.compiler.cudagraph_mark_step_begin()  # nothing of the last replay is kept
-                    step(llm, b.cache, *state, noise, b.temperature, b.top_p)
+                    step(llm, b.cache, *state, noise, b.temperature, b.top_p, mask, lengths)
             written += steps
             chunks, done = read(written, emitted)
             emitted = [sent + len(chunk) for sent, chunk in zip(emitted, chunks)]

@@ -13,13 +13,13 @@ engine's reply is cleaned the same way.
   settings, left-padded with an attention mask (as ``Chat.answer_batch``), each row stopped on its
   own and handed back as soon as it is done. Under greedy decoding a row gets the tokens it gets
   alone. A seeded sampling request runs alone, so its seed means what it says.
-  With ``decode="static"`` a request that runs alone, and one caller's batch whose contexts are of
-  one length (``Chat.answer_batch``'s captions of one prompt), are written by :mod:`~minigpt4.conversation.decode`
+  With ``decode="static"`` a request that runs alone, and one caller's batch (``Chat.answer_batch``,
+  left-padded when its contexts' lengths differ), are written by :mod:`~minigpt4.conversation.decode`
   instead (a static cache, the one-token step as one CUDA graph on a GPU, the host reading the
   tokens every ``steps_per_sync`` steps): the same tokens as ``generate`` under greedy decoding,
-  a sample from the same distribution when sampling. A batch of contexts of several lengths, and
-  the queue's batches of concurrent requests (whose size changes with the load: each size would be
-  a compiled graph of its own), still go to ``generate``. The loop keeps the last answer's positions in its own cache, so a request whose
+  a sample from the same distribution when sampling. The queue's batches of concurrent requests
+  (whose size changes with the load: each size would be a compiled graph of its own) still go to
+  ``generate``. The loop keeps the last answer's positions in its own cache, so a request whose
   context starts the same way (the next turn of that conversation) prefills only the rest. It
   refuses settings the loop does not have (``EngineRequestError``).
 - :class:`VLLMEngine` (``vllm``): the LLM runs on a vLLM server started with
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 ENGINES = ("hf", "vllm")
-DECODES = ("generate", "static")  # how the hf engine writes a request, or a batch of one context length
+DECODES = ("generate", "static")  # how the hf engine writes a request alone, or one caller's batch
 
 
 # ---- the interface -----------------------------------------------------------------------------
@@ -467,13 +467,11 @@ class HFEngine(_BatchQueue, Engine):
         if self.decode == "static":
             for row in rows:  # one rule for every request, whichever way it runs
                 static_options(row.request)
-            # The loop takes a request alone, or one caller's batch (answer_batch) of contexts of one
-            # length: its size is the caller's, so a few compiled graphs serve it. Contexts of several
-            # lengths would need a padding mask and per-row positions; the queue's batches of
-            # concurrent requests change size with the load, and each size would be a graph (and a
-            # compilation) of its own. generate runs those.
-            one_caller = len(rows) == 1 or len(jobs) == 1
-            if one_caller and len({row.request.inputs_embeds.shape[1] for row in rows}) == 1:
+            # The loop takes a request alone, or one caller's batch (answer_batch): its size is the
+            # caller's, so a few compiled graphs serve it. The queue's batches of concurrent requests
+            # change size with the load, and each size would be a graph (and a compilation) of its
+            # own: generate runs those.
+            if len(rows) == 1 or len(jobs) == 1:
                 self._run_static(rows)
                 return
         first = rows[0].request
@@ -494,7 +492,7 @@ class HFEngine(_BatchQueue, Engine):
             row.complete(ids, finish)
 
     def _run_static(self, rows: list[_Row]) -> None:
-        """Requests of one context length by the static decode loop, on the engine's one decoding thread.
+        """A request, or one caller's batch, by the static decode loop, on the engine's one decoding thread.
 
         PyTorch keeps captured CUDA graphs per thread (its cudagraph trees are thread-local), and the
         queue's worker thread ends whenever the queue empties: a thread of its own that lives as long
@@ -511,8 +509,8 @@ class HFEngine(_BatchQueue, Engine):
             self._decoder = None
 
     def _static_rows(self, rows: list[_Row]) -> None:
-        """Requests of one context length by the static decode loop, side by side: each row's tokens
-        go to it as each chunk reaches the host. A batch shares its options (``batch_key``)."""
+        """Requests by the static decode loop, side by side (left-padded when their lengths differ):
+        each row's tokens go to it as each chunk reaches the host. A batch shares its options (``batch_key``)."""
         first, llm = rows[0].request, self.model.llama_model
         sampling, device = first.sampling, first.inputs_embeds.device
         generator = None
@@ -521,12 +519,12 @@ class HFEngine(_BatchQueue, Engine):
         compile = device.type == "cuda" if self.compile is None else self.compile
         tokenizer = self.model.llama_tokenizer
         limits = [row.request.sampling.max_new_tokens for row in rows]
-        embeds = torch.cat([row.request.inputs_embeds for row in rows]) if len(rows) > 1 else first.inputs_embeds
+        embeds, mask = self._padded(rows)
         ended: dict[int, FinishReason | None] = {}  # row -> "stop" (its own stop string), None: decided below
         stream = stream_decode_rows(
             llm, embeds, max(limits), self.stop, do_sample=sampling.do_sample, temperature=sampling.temperature,
             top_p=sampling.top_p, generator=generator, steps_per_sync=self.steps_per_sync, compile=compile,
-            suppress_first=first_token_suppressed(first.options, llm.generation_config),
+            suppress_first=first_token_suppressed(first.options, llm.generation_config), attention_mask=mask,
         )
         with self.model.maybe_autocast(self.model.autocast_dtype):
             try:
@@ -571,15 +569,21 @@ class HFEngine(_BatchQueue, Engine):
         )
         if first.sampling.do_sample:
             kwargs.update(top_p=first.sampling.top_p, temperature=float(first.sampling.temperature))
-        if len(rows) == 1:
-            kwargs["inputs_embeds"] = first.inputs_embeds
-            return kwargs
+        kwargs["inputs_embeds"], mask = self._padded(rows)
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        return kwargs
+
+    def _padded(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows' contexts as one (B, L, H) batch, left-padded with the pad token's embedding,
+        and its mask (:func:`left_pad`); one row as it is, mask None."""
+        contexts = [row.request.inputs_embeds for row in rows]
+        if len(contexts) == 1:
+            return contexts[0], None
         embed = self.model.llama_model.get_input_embeddings()
         with torch.inference_mode():
-            pad = embed(torch.tensor(tokenizer.pad_token_id, device=embed.weight.device))
-        contexts = [row.request.inputs_embeds[0] for row in rows]
-        kwargs["inputs_embeds"], kwargs["attention_mask"] = left_pad(contexts, pad.to(contexts[0].dtype))
-        return kwargs
+            pad = embed(torch.tensor(self.model.llama_tokenizer.pad_token_id, device=embed.weight.device))
+        return left_pad([c[0] for c in contexts], pad.to(contexts[0].dtype))
 
 
 # ---- the images of concurrent requests in one batch ---------------------------------------------

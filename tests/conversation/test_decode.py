@@ -330,6 +330,75 @@ def test_rows_of_the_wrong_shape_are_refused_by_name(tiny, rows):
         decode_rows(llm, rows[0], 4)
 
 
+@pytest.fixture(scope="module")
+def padded_rows(tiny, tiny_models, tiny_images):
+    """Three contexts of three lengths, left-padded to one as the engine pads a batch: (embeds, mask, contexts)."""
+    from minigpt4.conversation.engines import left_pad
+
+    llm, _, tokenizer, _ = tiny
+    chat = Chat(tiny_models["vicuna0"], Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0)
+    questions = ["What is in the picture?", "Describe it.", "What colour is the square on the left of the picture?"]
+    contexts = [context(chat, image, question) for image, question in zip(tiny_images, questions)]
+    assert len({c.shape[1] for c in contexts}) == 3
+    with torch.no_grad():
+        pad = llm.get_input_embeddings()(torch.tensor(tokenizer.pad_token_id))
+    embeds, mask = left_pad([c[0] for c in contexts], pad)
+    return embeds, mask, contexts
+
+
+@pytest.mark.parametrize("steps_per_sync", [1, 8])
+def test_left_padded_rows_write_what_each_writes_alone(tiny, padded_rows, steps_per_sync):
+    llm, _, tokenizer, _ = tiny
+    embeds, mask, contexts = padded_rows
+    for stop in (stops(tokenizer), stops(tokenizer, None)):  # Vicuna's "###" and EOS; EOS alone (all N tokens)
+        expected = [generate(llm, c, N, stop) for c in contexts]
+        assert decode_rows(llm, embeds, N, stop, steps_per_sync=steps_per_sync, attention_mask=mask) == expected
+    assert len({tuple(e) for e in expected}) == 3
+
+
+def test_left_padded_rows_see_the_logits_each_sees_alone(tiny, padded_rows, monkeypatch):
+    # Greedy tokens barely depend on a few positions' offset; the logits do: each row's own
+    # positions and the masked padding give, step by step, the logits generate gives it alone.
+    llm, _, _, _ = tiny
+    embeds, mask, contexts = padded_rows
+    seen = []
+    pick = decode_module.pick
+    monkeypatch.setattr(decode_module, "pick", lambda logits, *rest: seen.append(logits.clone()) or pick(logits, *rest))
+    decode_rows(llm, embeds, 12, attention_mask=mask)
+    assert len(seen) == 12
+    for row, c in enumerate(contexts):
+        with torch.no_grad():
+            alone = llm.generate(inputs_embeds=c, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True).logits
+        for step, logits in enumerate(alone):
+            torch.testing.assert_close(seen[step][row], logits[0], rtol=1e-4, atol=1e-5, msg=lambda m: f"row {row}, step {step}: {m}")
+
+
+def test_left_padded_rows_trace_as_one_graph(tiny, padded_rows):
+    llm, _, tokenizer, _ = tiny
+    embeds, mask, contexts = padded_rows
+    expected = [generate(llm, c, N) for c in contexts]
+    decode_module._compiled["step"] = torch.compile(decode_module.decode_one_token, backend="eager", fullgraph=True, dynamic=False)
+    decode_module._compiled["prefill"] = torch.compile(decode_module.prefill_padded, backend="eager", fullgraph=True, dynamic=False)
+    try:
+        for _ in range(2):  # the first prefill eager (no cache yet), the second padded in the graph
+            assert decode_rows(llm, embeds, N, attention_mask=mask, compile=True) == expected
+    finally:
+        decode_module._compiled.clear()
+
+
+def test_a_mask_that_is_not_left_padding_is_refused_by_name(tiny, padded_rows):
+    llm, _, _, _ = tiny
+    embeds, mask, _ = padded_rows
+    with pytest.raises(ValueError, match=r"attention_mask: expected \(3, \d+\) for inputs_embeds \(3, \d+, 64\), got \(3, 5\)"):
+        decode_rows(llm, embeds, 4, attention_mask=mask[:, :5])
+    with pytest.raises(ValueError, match="attention_mask: expected left padding"):
+        decode_rows(llm, embeds, 4, attention_mask=mask.flip(1))
+    # Every position real: no padding, the rows decode as a batch of one length.
+    rows = embeds[:, -20:]
+    assert decode_rows(llm, rows, 4, attention_mask=torch.ones(3, 20, dtype=torch.long)) == decode_rows(llm, rows, 4)
+
+
 @pytest.mark.slow
 def test_a_long_conversation_compiles_once_per_cache_size_and_never_hits_the_limit(tiny):
     # Five cache sizes, greedy and sampled: ten variants of the step (and more of the prefill), past
@@ -365,9 +434,9 @@ def test_a_follow_ups_prefill_runs_padded_in_the_graph_and_gives_generates_token
     padded_lengths = []
     traced = torch.compile(decode_module.prefill_padded, backend="eager", fullgraph=True, dynamic=False)
 
-    def counting(llm_, cache, padded, last, pad):
+    def counting(llm_, cache, padded, last, pad, *rows):
         padded_lengths.append((padded.shape[1], int(last) + 1, int(pad)))
-        return traced(llm_, cache, padded, last, pad)
+        return traced(llm_, cache, padded, last, pad, *rows)
 
     decode_module._compiled["step"] = torch.compile(decode_module.decode_one_token, backend="eager", fullgraph=True, dynamic=False)
     decode_module._compiled["prefill"] = counting
@@ -409,14 +478,36 @@ def test_nano_greedy_equals_generate(nano_chat, tiny_images, steps_per_sync):
     assert decode(llm, embeds, N, chat.stop, steps_per_sync=steps_per_sync) == stopped
 
 
+@pytest.mark.slow
+def test_nano_left_padded_rows_write_what_each_writes_alone(nano_chat, tiny_images):
+    # A trained model: its attention depends on where each position is (the tiny random models
+    # hardly do), so a row's own positions and the masked padding are what make these equal.
+    from minigpt4.conversation.engines import left_pad
+
+    chat, llm = nano_chat, nano_chat.model.llama_model
+    questions = ["Describe this image in detail.", "Describe it.", "Which shapes are in this picture, and what colours are they?"]
+    contexts = [context(chat, image, question) for image, question in zip(tiny_images, questions)]
+    assert len({c.shape[1] for c in contexts}) == 3
+    with torch.no_grad():
+        pad = llm.get_input_embeddings()(torch.tensor(chat.model.llama_tokenizer.pad_token_id))
+    embeds, mask = left_pad([c[0] for c in contexts], pad)
+    expected = [generate(llm, c, N, chat.stop) for c in contexts]
+    assert decode_rows(llm, embeds, N, chat.stop, attention_mask=mask) == expected
+    assert len({tuple(e) for e in expected}) == 3
+
+
 @pytest.mark.gpu
-def test_cuda_graph_rows_equal_generate_row_by_row(tiny, rows):
+def test_cuda_graph_rows_equal_generate_row_by_row(tiny, rows, padded_rows):
     llm, _, tokenizer, _ = tiny
     llm, rows = copy.deepcopy(llm).cuda(), rows.cuda()
     vicuna = stops(tokenizer)
     expected = [generate(llm, row.unsqueeze(0), N, vicuna) for row in rows]
     for _ in range(3):  # the first prefills eagerly and captures the step, the second the prefill; then replays
         assert decode_rows(llm, rows, N, vicuna, compile=True) == expected
+    embeds, mask, contexts = padded_rows  # left-padded: the mask and each row's positions in the graphs
+    expected = [generate(llm, c.cuda(), N, vicuna) for c in contexts]
+    for _ in range(3):
+        assert decode_rows(llm, embeds.cuda(), N, vicuna, compile=True, attention_mask=mask.cuda()) == expected
 
 
 @pytest.mark.gpu

@@ -2,8 +2,8 @@
 
 What a user of ``Chat(decode="static")`` (or ``serve --decode static``) meets: the same replies as
 ``generate`` under greedy decoding, streamed, cut at the request's own stop strings, seeded samples
-that repeat, batches of one context length decoded side by side by the loop (and of several
-lengths by ``generate``), and a clear refusal of a setting the loop does not have.
+that repeat, a caller's batch decoded side by side by the loop (left-padded when its contexts'
+lengths differ; concurrent requests batched by the queue go to ``generate``), and a clear refusal of a setting the loop does not have.
 """
 from __future__ import annotations
 
@@ -159,15 +159,14 @@ def loop_rows(monkeypatch, hold: float = 0.0) -> list[int]:
     return calls
 
 
-def test_a_batch_of_one_length_runs_in_the_loop_and_of_several_in_generate(chats, tiny_images, monkeypatch):
+def test_a_callers_batch_runs_in_the_loop_of_one_length_or_left_padded(chats, tiny_images, monkeypatch):
     plain, static = chats
     calls = loop_rows(monkeypatch)
     one = "What is in the picture?"  # one question: the contexts are of one length (answer_batch's captions)
     assert static.answer_batch(tiny_images, one, **GREEDY) == plain.answer_batch(tiny_images, one, **GREEDY)
-    assert calls == [3]
     several = ["What is in the picture?", "Describe it.", "What colour is the square on the left?"]
     assert static.answer_batch(tiny_images, several, **GREEDY) == plain.answer_batch(tiny_images, several, **GREEDY)
-    assert calls == [3]  # left-padded by generate
+    assert calls == [3, 3]
 
 
 def test_concurrent_requests_the_queue_batches_together_go_to_generate(long_chats, tiny_images, monkeypatch):
