@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import REF, tiny_model_section
 from minigpt4.chat import load_chat
+from minigpt4.conversation import Chat
 from minigpt4.apps import stage2_data as s2
 from minigpt4.models import MiniGPT4
 from train_fixtures import load_train_module
@@ -108,6 +109,19 @@ def test_the_tiny_model_describes_a_folder_batched_with_continuations(chat, imag
     first = answer_batch([image_dir / "img0.jpg"], s2.DESCRIBE_QUESTION, **FAST)[0]
     assert lines[1]["answer"].startswith(first)
     assert calls == {"batch": [2, 2], "continue": 4}  # broken.jpg dropped from the first batch of 3
+
+
+def test_decode_static_describes_a_folder_as_generate_does(chat, image_dir, tmp_path):
+    # --decode static: each batch of descriptions side by side in the loop, then each continuation.
+    static = Chat(chat.model, chat.vis_processor, chat.device, chat.conv_template, generation=chat.generation, decode="static")
+    settings = dict(max_new_tokens=12, do_sample=False)
+    written = {}
+    for name, which in (("generate", chat), ("static", static)):
+        raw = tmp_path / f"{name}.raw.jsonl"
+        assert s2.describe_folder(lambda: which, image_dir, raw, batch_size=3, max_continuations=1, **settings) == 5
+        written[name] = rows(raw)
+    assert written["static"] == written["generate"]
+    assert all(r["continuations"] == 1 and r["answer"] for r in written["static"][1:])
 
 
 # ---- resume ------------------------------------------------------------------------------------

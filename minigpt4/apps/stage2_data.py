@@ -299,6 +299,7 @@ def format_report(counts: dict[str, int], rules: Sequence[Rule], out_path: Path,
 # ---- command line ----------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from minigpt4.chat import generation_args
+    from minigpt4.conversation.engines import DECODES
 
     parser = argparse.ArgumentParser(
         prog="python dataset/make_stage2_data.py",
@@ -315,6 +316,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--polish-model", help="local instruction-tuned causal LM folder (any AutoModelForCausalLM) to mend descriptions")
     parser.add_argument("--polish-max-new-tokens", type=int, default=512)
     parser.add_argument("--min-words", type=int, default=DEFAULT_MIN_WORDS, help="filter: refuse descriptions with fewer words")
+    parser.add_argument("--decode", choices=DECODES, default="generate",
+                        help="static: each batch of descriptions and each continuation by our decode loop (one CUDA graph a step on a GPU)")
     generation_args(parser)
     return parser.parse_args(argv)
 
@@ -331,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     rules = filter_rules(args.min_words)
     try:
         describe_folder(
-            lambda: load_chat(args.cfg_path, args.options, args.gpu_id),
+            lambda: load_chat(args.cfg_path, args.options, args.gpu_id, decode=args.decode),
             args.image_dir, raw_path, args.batch_size, args.min_tokens, args.max_continuations, **generation,
         )
         # the stage-1 model is gone before the polishing LM loads: both may not fit on one GPU
