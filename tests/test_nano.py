@@ -92,6 +92,16 @@ def test_nano_describes_held_out_scenes(nano_chat):
     assert result["counting_accuracy"] >= MIN_COUNTING, result
 
 
+def test_the_static_loop_scores_held_out_scenes_as_generate(nano_chat):
+    # The single protocol asks three kinds of question per scene in one answer_batch: contexts of
+    # several lengths, left-padded, decoded side by side by the loop (eval_shapes --decode static).
+    from minigpt4.conversation import Chat
+
+    chat = nano_chat
+    static = Chat(chat.model, chat.vis_processor, chat.device, chat.conv_template, generation=chat.generation, decode="static")
+    assert evaluate(static, num_scenes=8, batch_size=8, show_progress=False) == evaluate(chat, num_scenes=8, batch_size=8, show_progress=False)
+
+
 def test_nano_holds_a_conversation(nano_chat):
     # Describe, then three follow-ups that see the model's own earlier replies (docs/nano.md has
     # the 200-scene figures of the committed weights).

@@ -337,6 +337,8 @@ def evaluate_renderer(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from minigpt4.conversation.engines import DECODES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cfg-path", default=None, help="eval config (default: the nano model)")
     parser.add_argument("-n", "--num-scenes", type=int, default=200)
@@ -346,12 +348,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--protocol", choices=[*PROTOCOLS, "all"], default="all")
     parser.add_argument("--gpu-id", type=int, default=0)
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--decode", choices=DECODES, default="generate",
+                        help="static: each batch of questions by our decode loop (left-padded rows; one CUDA graph a step on a GPU)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from minigpt4.chat import DEFAULT_CFG, load_chat
 
-    chat = load_chat(args.cfg_path or DEFAULT_CFG, args.options, args.gpu_id)
+    chat = load_chat(args.cfg_path or DEFAULT_CFG, args.options, args.gpu_id, decode=args.decode)
     run = PROTOCOLS if args.protocol == "all" else (args.protocol,)
     result: dict[str, Any] = {}
     if "single" in run:
