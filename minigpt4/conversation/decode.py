@@ -1,4 +1,4 @@
-"""Decoding one conversation fast: prefill, then a one-token step that runs as one CUDA graph.
+"""Fast decoding of a conversation or a caller's batch: prefill, then a one-token step as one CUDA graph.
 
 gpt-fast's ``generate.py`` on a transformers LLM. :func:`prefill` runs the prompt once, eagerly,
 into a static KV cache sized to the prompt + ``max_new_tokens`` rounded up to a power of two (so

@@ -13,6 +13,7 @@ from conftest import first_stop, text_of
 from minigpt4.conversation import CONV_VISION_Vicuna0, Chat, StopCriteria
 from minigpt4.conversation import decode as decode_module
 from minigpt4.conversation.decode import cache_length, decode, decode_rows, record, stream_decode, stream_decode_rows
+from minigpt4.conversation.engines import left_pad
 from minigpt4.conversation.stopping import NO_TOKEN
 from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
@@ -249,7 +250,14 @@ def test_the_step_traces_as_one_graph(tiny):
         decode_module._compiled.clear()
 
 
-# ---- B contexts of one length, side by side (answer_batch's captions) ------------------------------
+def left_padded(llm, tokenizer, contexts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, L, H) contexts left-padded to one batch with the pad token's embedding, as the engine does."""
+    with torch.no_grad():
+        pad = llm.get_input_embeddings()(torch.tensor(tokenizer.pad_token_id))
+    return left_pad([c[0] for c in contexts], pad)
+
+
+# ---- B contexts side by side (answer_batch's captions) ---------------------------------------------
 @pytest.fixture(scope="module")
 def rows(tiny, tiny_models, tiny_images):
     """Three images and questions of one length: three contexts, stacked (3, positions, hidden).
@@ -333,17 +341,12 @@ def test_rows_of_the_wrong_shape_are_refused_by_name(tiny, rows):
 @pytest.fixture(scope="module")
 def padded_rows(tiny, tiny_models, tiny_images):
     """Three contexts of three lengths, left-padded to one as the engine pads a batch: (embeds, mask, contexts)."""
-    from minigpt4.conversation.engines import left_pad
-
     llm, _, tokenizer, _ = tiny
     chat = Chat(tiny_models["vicuna0"], Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0)
     questions = ["What is in the picture?", "Describe it.", "What colour is the square on the left of the picture?"]
     contexts = [context(chat, image, question) for image, question in zip(tiny_images, questions)]
     assert len({c.shape[1] for c in contexts}) == 3
-    with torch.no_grad():
-        pad = llm.get_input_embeddings()(torch.tensor(tokenizer.pad_token_id))
-    embeds, mask = left_pad([c[0] for c in contexts], pad)
-    return embeds, mask, contexts
+    return (*left_padded(llm, tokenizer, contexts), contexts)
 
 
 @pytest.mark.parametrize("steps_per_sync", [1, 8])
@@ -482,15 +485,11 @@ def test_nano_greedy_equals_generate(nano_chat, tiny_images, steps_per_sync):
 def test_nano_left_padded_rows_write_what_each_writes_alone(nano_chat, tiny_images):
     # A trained model: its attention depends on where each position is (the tiny random models
     # hardly do), so a row's own positions and the masked padding are what make these equal.
-    from minigpt4.conversation.engines import left_pad
-
     chat, llm = nano_chat, nano_chat.model.llama_model
     questions = ["Describe this image in detail.", "Describe it.", "Which shapes are in this picture, and what colours are they?"]
     contexts = [context(chat, image, question) for image, question in zip(tiny_images, questions)]
     assert len({c.shape[1] for c in contexts}) == 3
-    with torch.no_grad():
-        pad = llm.get_input_embeddings()(torch.tensor(chat.model.llama_tokenizer.pad_token_id))
-    embeds, mask = left_pad([c[0] for c in contexts], pad)
+    embeds, mask = left_padded(llm, chat.model.llama_tokenizer, contexts)
     expected = [generate(llm, c, N, chat.stop) for c in contexts]
     assert decode_rows(llm, embeds, N, chat.stop, attention_mask=mask) == expected
     assert len({tuple(e) for e in expected}) == 3
