@@ -46,10 +46,14 @@ class DemoPage:
 
         # A page still hydrating can drop the file input's change event: give it the file again. On
         # a busy machine the upload can also just be slow: a file that shows up late is not re-sent.
-        # Success is the file's name in the upload box's text (the DOM itself, whatever Playwright
-        # would judge of the element's visibility while the box re-renders).
+        # Success is the file's name in the upload box's text content, whitespace removed: Gradio
+        # writes it as two spans, "img0" and ".png", with a space between them that innerText keeps
+        # or drops depending on whether the box's styles apply yet.
         file_input = self.page.locator("#image-upload input[type=file]")
-        listed = f"() => (document.querySelector('#image-upload')?.innerText || '').includes({path.name!r})"
+        listed = (
+            "() => (document.querySelector('#image-upload')?.textContent || '')"
+            f".replace(/\\s+/g, '').includes({path.name!r})"
+        )
         for attempt in range(3):
             if file_input.count() and not self.page.evaluate(listed):
                 file_input.set_input_files(str(path))
@@ -58,9 +62,16 @@ class DemoPage:
                 break
             except PlaywrightTimeout:
                 if attempt == 2:
-                    self.page.screenshot(path=str(ARTIFACTS / "demo_upload_failed.png"), full_page=True)
+                    self.save_failure("demo_upload_failed")
                     raise
         self.start_button.click()
+
+    def save_failure(self, name: str) -> None:
+        """A screenshot and the upload box's DOM, for a wait that timed out."""
+        ARTIFACTS.mkdir(exist_ok=True)
+        upload_box = self.page.evaluate("() => document.querySelector('#image-upload')?.outerHTML ?? 'no #image-upload'")
+        (ARTIFACTS / f"{name}.html").write_text(upload_box + "\n")
+        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
     def start_chat(self, path: Path) -> None:
         self.upload(path)
