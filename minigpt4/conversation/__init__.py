@@ -1,6 +1,6 @@
 """Chatting with MiniGPT-4: conversation templates, stop words, image checks, the KV cache kept
 between turns, and the ``Chat`` engine of the demo, the CLI and the server."""
-from minigpt4.conversation.chat import Chat
+from minigpt4.conversation.chat import Chat, ContextTooLong
 from minigpt4.conversation.images import MAX_IMAGE_PIXELS, ImageError, open_image
 from minigpt4.conversation.kv_cache import PrefixCache, common_prefix
 from minigpt4.conversation.stopping import StopCriteria
@@ -24,6 +24,7 @@ __all__ = [
     "CONV_VISION_SmolLM2",
     "CONV_VISION_Vicuna0",
     "Chat",
+    "ContextTooLong",
     "Conversation",
     "IMAGE_MESSAGE",
     "ImageError",

@@ -29,7 +29,7 @@ from minigpt4.conversation.images import open_image
 from minigpt4.conversation.kv_cache import _OWN_CACHE, PositionKey, PrefixCache, common_prefix
 from minigpt4.conversation.stopping import StopCriteria
 from minigpt4.conversation.templates import CONV_VISION, IMAGE_MESSAGE, Conversation, clean_reply
-from minigpt4.models.mini_gpt4 import embed_prompt
+from minigpt4.models.mini_gpt4 import PromptTooLong, embed_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,17 @@ class Reply:
 
     text: str
     result: GenerationResult | None = None
+
+
+class ContextTooLong(ValueError):
+    """A conversation that, with the answer's ``max_new_tokens``, does not fit in ``max_length``."""
+
+    def __init__(self, positions: int, max_new_tokens: int, max_length: int):
+        super().__init__(
+            f"the conversation is {positions} positions (image tokens included) and the answer may take "
+            f"{max_new_tokens} more, over the model's max_length of {max_length}"
+        )
+        self.positions, self.max_new_tokens, self.max_length = positions, max_new_tokens, max_length
 
 
 class Chat:
@@ -138,10 +149,13 @@ class Chat:
         return self.context_with_keys(prompt, img_list)[0]
 
     @torch.no_grad()
-    def context_with_keys(self, prompt: str, img_list: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[PositionKey]]:
-        """:meth:`get_context_emb` and the :class:`PrefixCache` key of each of its positions."""
+    def context_with_keys(
+        self, prompt: str, img_list: Sequence[torch.Tensor], max_positions: int | None = None
+    ) -> tuple[torch.Tensor, list[PositionKey]]:
+        """:meth:`get_context_emb` and the :class:`PrefixCache` key of each of its positions
+        (``max_positions``: see ``embed_prompt``)."""
         embed = self.model.llama_model.get_input_embeddings()
-        emb, keys = embed_prompt(prompt, img_list, self.model.llama_tokenizer, embed, special_tokens=True)
+        emb, keys = embed_prompt(prompt, img_list, self.model.llama_tokenizer, embed, special_tokens=True, max_positions=max_positions)
         return emb.unsqueeze(0), keys
 
     def generation_kwargs(self, **overrides: Any) -> dict[str, Any]:
@@ -169,18 +183,31 @@ class Chat:
         return embs
 
     def answer_prepare(
-        self, conv: Conversation, img_list: Sequence[torch.Tensor], max_new_tokens: int | None = None, max_length: int | None = None, **generation: Any
+        self,
+        conv: Conversation,
+        img_list: Sequence[torch.Tensor],
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        truncate: bool = True,
+        **generation: Any,
     ) -> dict[str, Any]:
         """The ``generate`` arguments of the assistant's next turn.
 
         ``inputs_embeds`` is always the whole context; with a reused cache, ``cache`` holds the
         conversation's KV cache cropped to what that context starts with, and ``generate``
-        prefills only the positions after it.
+        prefills only the positions after it. A context that leaves fewer than ``max_new_tokens``
+        of ``max_length`` loses its first positions, as in the original (with a warning), or with
+        ``truncate=False`` raises :class:`ContextTooLong` (the server's choice: an API answer
+        never silently forgets the start of its conversation).
         """
         max_new_tokens = max_new_tokens or self.generation["max_new_tokens"]
         max_length = max_length or self.generation["max_length"]
         conv.append_message(conv.roles[1], None)
-        embs, keys = self.context_with_keys(conv.get_prompt(), img_list)
+        try:
+            embs, keys = self.context_with_keys(conv.get_prompt(), img_list, None if truncate else max_length - max_new_tokens)
+        except PromptTooLong as err:
+            conv.messages.pop()
+            raise ContextTooLong(err.positions, max_new_tokens, max_length) from None
         kept = self._truncate(embs, max_new_tokens, max_length)
         kwargs = dict(inputs_embeds=kept, **self.generation_kwargs(max_new_tokens=max_new_tokens, **generation))
         # Truncation shifts every position: nothing in the cache fits any more.
@@ -291,7 +318,8 @@ class Chat:
             # Hide a half-written stop sign ("#", "##") until we know what it becomes.
             text = text.rstrip(self.conv_template.stop_str[0]).rstrip()
         for s in stop:
-            text = next((text[: -k] for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), text)
+            # The longest start of ``s`` the text ends with (no longer than the text itself).
+            text = next((text[: -k] for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), text)
         return text
 
     def _finish_turn(
@@ -312,8 +340,22 @@ class Chat:
         result = self.engine.generate(self.engine_request(generation, stop, seed))
         return self._finish_turn(conv, img_list, generation, result, stop)
 
-    def stream_reply(self, conv: Conversation, img_list: Sequence[torch.Tensor], stop: Sequence[str] = (), seed: int | None = None, **kwargs: Any) -> Iterator[Reply]:
-        """:meth:`reply` as it is written: the reply so far each time it grows, then the finished one."""
+    def stream_reply(
+        self,
+        conv: Conversation,
+        img_list: Sequence[torch.Tensor],
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        decode_partial: bool = True,
+        **kwargs: Any,
+    ) -> Iterator[Reply]:
+        """:meth:`reply` as it is written: the reply so far each time it grows, then the finished one.
+
+        Closing the iterator early cancels the answer. ``decode_partial=False``: each piece as it
+        comes is an empty ``Reply("")``, nothing decoded, and only the finished reply has its text:
+        for a caller that wants the whole answer but may give up on it between two pieces (the
+        server, for a client that leaves before its non-streamed answer).
+        """
         generation = self.answer_prepare(conv, img_list, **kwargs)
         request = self.engine_request(generation, stop, seed)
         if generation.get("num_beams", 1) > 1:
@@ -327,6 +369,9 @@ class Chat:
                 yield self._finish_turn(conv, img_list, generation, chunk.result, stop)
                 return
             ids += chunk.token_ids
+            if not decode_partial:
+                yield Reply("")
+                continue
             text = self._partial_reply(ids, stop)
             if text != shown:
                 shown = text

@@ -458,6 +458,8 @@ class HFEngine(_BatchQueue, Engine):
         try:
             yield from row.chunks()
         finally:
+            if not row.completed:
+                logger.info("a reply's reader left after %d of its tokens: its row stops at the next step", len(row.ids))
             row.cancelled = True  # a consumer that leaves early frees its row at the next step
 
     def _run(self, jobs: list[_Job]) -> None:
@@ -481,7 +483,8 @@ class HFEngine(_BatchQueue, Engine):
             # Rows of a job that runs alone (it may hold Chat's KV cache, which generate still
             # uses until it returns) are complete only when generate has returned.
             kwargs["streamer"] = _RowStreamer(rows, early=jobs[0].key is not None)
-        with _seeded(first.seed, first.inputs_embeds.device):
+        # Greedy rows ignore their seeds (they may share a batch); a seeded sampling request runs alone.
+        with _seeded(first.seed if first.sampling.do_sample else None, first.inputs_embeds.device):
             output = hf_generate(self.model, **kwargs)
         for row, ids in zip(rows, output.tolist()):
             if row.end is not None:

@@ -41,6 +41,14 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x.float()).to(x.dtype)
 
 
+class PromptTooLong(ValueError):
+    """A prompt with more positions than its caller allows, found before anything is embedded."""
+
+    def __init__(self, positions: int, limit: int):
+        super().__init__(f"the prompt is {positions} positions (image tokens included); at most {limit} are allowed")
+        self.positions, self.limit = positions, limit
+
+
 def embed_prompt(
     prompt: str,
     images: Sequence[torch.Tensor],
@@ -48,6 +56,7 @@ def embed_prompt(
     embed: nn.Module,
     special_tokens: bool = False,
     dtype: torch.dtype | None = None,
+    max_positions: int | None = None,
 ) -> tuple[torch.Tensor, list[Hashable]]:
     """THE place where text and images become LLM input: ``prompt``'s text segments around each
     ``<ImageHere>`` tokenized and embedded, ``images[i]`` (N, H) at placeholder ``i``.
@@ -57,20 +66,25 @@ def embed_prompt(
     chat does; training adds its BOS prefix separately. Returns the (L, H) embeddings and a key
     per position saying what it was computed from: a token id, or ``(id(image), row)`` (the
     KV-cache reuse between chat turns compares these). ``dtype``: of the result (default the
-    embedding's).
+    embedding's). ``max_positions``: a prompt longer than this raises :class:`PromptTooLong` once
+    tokenized, before its embeddings take any memory.
     """
     dtype = dtype or embed.weight.dtype
     segments = prompt.split(IMAGE_PLACEHOLDER)
     if len(segments) != len(images) + 1:
         raise ValueError(f"the prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} but {len(images)} images were given")
+    token_ids = [tokenizer(segment, add_special_tokens=special_tokens and i == 0).input_ids for i, segment in enumerate(segments)]
+    image_rows = [image.reshape(-1, image.shape[-1]) for image in images]  # (N, H), or chat's (1, N, H)
+    positions = sum(map(len, token_ids)) + sum(rows.shape[0] for rows in image_rows)
+    if max_positions is not None and positions > max_positions:
+        raise PromptTooLong(positions, max_positions)
     device = embed.weight.device
     pieces, keys = [], []
-    for i, segment in enumerate(segments):
-        ids = tokenizer(segment, add_special_tokens=special_tokens and i == 0).input_ids
+    for i, ids in enumerate(token_ids):
         pieces.append(embed(torch.tensor(ids, dtype=torch.long, device=device)).to(dtype))
         keys += ids
         if i < len(images):
-            rows = images[i].reshape(-1, images[i].shape[-1])  # (N, H), or chat's (1, N, H)
+            rows = image_rows[i]
             pieces.append(rows.to(device=device, dtype=dtype))
             keys += [(id(images[i]), row) for row in range(rows.shape[0])]
     return torch.cat(pieces), keys

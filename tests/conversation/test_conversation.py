@@ -178,6 +178,25 @@ def test_context_is_truncated_with_a_warning(chats, caplog):
     assert "max_length 100" in caplog.text
 
 
+
+def test_a_context_too_long_is_refused_before_it_is_embedded_when_truncation_is_off(chats, monkeypatch):
+    from minigpt4.conversation import ContextTooLong
+
+    chat = chats["vicuna0"]
+    conv, img_list = chat.new_conversation(), []
+    chat.upload_img(REF / "img0.png", conv, img_list)
+    chat.ask("Describe the shapes.", conv)
+    before = [list(m) for m in conv.messages]
+    positions = chat.get_context_emb(conv.get_prompt() + "Assistant: ", img_list).shape[1]
+    embedded = []
+    embed = chat.model.llama_model.get_input_embeddings()
+    monkeypatch.setattr(embed, "forward", lambda ids, _f=embed.forward: embedded.append(ids.numel()) or _f(ids))
+    with pytest.raises(ContextTooLong, match=f"the conversation is {positions} positions .* 20 more, over the model's max_length of {positions + 19}"):
+        chat.answer_prepare(conv, img_list, max_new_tokens=20, max_length=positions + 19, truncate=False)
+    assert embedded == [] and [list(m) for m in conv.messages] == before  # nothing embedded, the conversation as it was
+    generation = chat.answer_prepare(conv, img_list, max_new_tokens=20, max_length=positions + 20, truncate=False)
+    assert generation["inputs_embeds"].shape[1] == positions
+
 # ---- stop words --------------------------------------------------------------------------------
 def hash_tokens(tokenizer) -> list[int]:
     """Every piece whose text holds "#": only these can take part in spelling "###"."""
@@ -383,6 +402,11 @@ def test_open_image_says_what_is_wrong(tmp_path):
         open_image(png_header_only(tmp_path / "huge.png", 10000, 6000))
     with pytest.raises(ImageError, match="'gone.png': no such file"):
         open_image(tmp_path / "gone.png")
+    # Only the formats asked for: a BMP is refused by a caller that names PNG and JPEG.
+    Image.open(REF / "img0.png").save(tmp_path / "pic.bmp")
+    assert open_image(tmp_path / "pic.bmp").size == open_image(REF / "img0.png").size
+    with pytest.raises(ImageError, match="'pic.bmp' is not an image \\(or not one of PNG, JPEG\\)"):
+        open_image(tmp_path / "pic.bmp", formats=("PNG", "JPEG"))
 
 
 def test_smollm2_chatml_template_matches_the_nano_training_prompt():

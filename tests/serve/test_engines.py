@@ -111,6 +111,15 @@ def test_a_seed_makes_sampling_repeatable(chat, scenes):
     assert first == second == third
 
 
+def test_a_greedy_request_ignores_its_seed_so_a_bad_one_cannot_fail_the_batch_it_shares(chat, scenes, monkeypatch):
+    rows = count_generate_calls(chat, monkeypatch)
+    seeds = [None, 2**70, None]  # torch.manual_seed refuses 2**70
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda i: chat.reply(*conversation(chat, scenes[i]), max_new_tokens=12, seed=seeds[i]).text, range(3)))
+    assert max(rows) > 1  # they did share a batch
+    assert replies == [chat.reply(*conversation(chat, scenes[i]), max_new_tokens=12).text for i in range(3)]
+
+
 def test_which_requests_may_share_a_batch():
     emb = torch.zeros(1, 3, 4)
 
@@ -145,7 +154,10 @@ def test_the_image_batcher_encodes_concurrent_calls_together():
     "address, public",
     [("93.184.216.34", True), ("2606:2800:220:1::1", True), ("127.0.0.1", False), ("10.1.2.3", False), ("192.168.0.1", False),
      ("169.254.169.254", False), ("::1", False), ("fe80::1%eth0", False), ("::ffff:127.0.0.1", False), ("0.0.0.0", False),
-     ("100.64.0.1", False), ("224.0.0.1", False), ("fd00::1", False)],
+     ("100.64.0.1", False), ("224.0.0.1", False), ("fd00::1", False),
+     # IPv6 that carries IPv4: NAT64 and 6to4 are as public as the IPv4 inside; Teredo and local NAT64 never.
+     ("64:ff9b::a00:1", False), ("64:ff9b::5db8:d822", True), ("2002:a00:1::1", False), ("2002:5db8:d822::1", True),
+     ("64:ff9b:1::5db8:d822", False), ("2001:0:5db8:d822::1", False)],
 )
 def test_only_global_addresses_are_fetched(address, public):
     assert is_public(address) is public

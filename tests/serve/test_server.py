@@ -150,6 +150,12 @@ def bad_requests(server_port: int) -> dict[str, tuple[dict, int, str, str]]:
         "ends with the assistant": (dict(messages=ask_about(small) + [{"role": "assistant", "content": "a red square."}]), 400, "the last message must be the user's", "invalid_value"),
         "image placeholder in text": (dict(messages=[{"role": "user", "content": "What is in <ImageHere>?"}]), 400, "is reserved for where images go", "invalid_value"),
         "temperature out of range": (dict(temperature=5), 422, "temperature", "invalid_value"),
+        "seed over 64 bits": (dict(seed=2**64, temperature=0), 422, "seed", "invalid_value"),
+        "stop too long": (dict(stop=["x" * 300]), 400, "at most 256 characters", "invalid_value"),
+        "logprobs": (dict(logprobs=True), 400, "logprobs: not supported", "unsupported_parameter"),
+        "tools": (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "tools: not supported", "unsupported_parameter"),
+        "context too long": (dict(messages=[{"role": "user", "content": "red " * 2100}]), 400, "over the model's max_length of 2000", "context_length_exceeded"),
+        "url with a bad port": (dict(messages=ask_about("http://example.com:99999/x.png")), 400, "not a valid http(s) URL", "invalid_image_url"),
     }
 
 
@@ -178,6 +184,8 @@ def raw_post(server, body: bytes | str, key: str | None = API_KEY) -> httpx.Resp
         ("malformed JSON", 400, "not valid JSON"),
         ("no messages", 422, "messages"),
         ("huge body", 413, "request body is over"),
+        ("huge body, no key", 401, "Missing API key"),  # the key is checked before the body is kept
+        ("JSON nested too deeply", 400, "nests too deeply"),
     ],
 )
 def test_raw_failures_have_openais_error_shape(server, case, status, message):
@@ -188,11 +196,22 @@ def test_raw_failures_have_openais_error_shape(server, case, status, message):
         "malformed JSON": lambda: raw_post(server, '{"model": "minigpt4-nano", "messages": [}'),
         "no messages": lambda: raw_post(server, json.dumps({"model": MODEL})),
         "huge body": lambda: raw_post(server, json.dumps({"model": MODEL, "messages": ask_about(Image.new("RGB", (32, 32))), "pad": "x" * (21 * 2**20)})),
+        "huge body, no key": lambda: raw_post(server, json.dumps({"model": MODEL, "pad": "x" * (21 * 2**20)}), key=None),
+        "JSON nested too deeply": lambda: raw_post(server, "[" * 100_000 + "]" * 100_000),
     }[case]()
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and message in error["message"]
     assert error["type"] == ("authentication_error" if status == 401 else "invalid_request_error")
+
+
+def test_openais_fields_at_their_neutral_values_are_accepted(client):
+    """What clients send by default (no logprobs, no penalties, plain text) asks for nothing MiniGPT-4 lacks."""
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ask_about(Image.new("RGB", (32, 32), "red")), max_tokens=MAX_TOKENS, logprobs=False,
+        presence_penalty=0, frequency_penalty=0, response_format={"type": "text"}, seed=2**63 - 1, temperature=0,
+    )
+    assert reply.choices[0].message.content
 
 
 def test_unknown_routes_and_the_api_key_on_models(server):

@@ -16,17 +16,18 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minigpt4.apps.serve import protocol
 from minigpt4.apps.serve.images import ImageLimits, load_image
 from minigpt4.apps.serve.protocol import APIError, ChatCompletionRequest, ImagePart, Message
-from minigpt4.conversation import Chat, Conversation
+from minigpt4.conversation import Chat, ContextTooLong, Conversation
 from minigpt4.conversation.chat import Reply
 from minigpt4.conversation.engines import EngineRequestError, EngineUnavailable, ImageBatcher
 from minigpt4.prompts import IMAGE_PLACEHOLDER
@@ -43,6 +44,7 @@ class ServeSettings:
     max_images: int = 8
     max_tokens: int = 1024
     max_stop: int = 4
+    max_stop_chars: int = 256  # each stop string's length
     images: ImageLimits = field(default_factory=ImageLimits)
 
 
@@ -59,10 +61,10 @@ class Service:
         self.active = 0  # admitted requests; changed on the event loop only
 
     # ---- checks that need no model ----
-    def authorize(self, request: Request) -> None:
+    def authorize(self, headers: Headers) -> None:
         if self.settings.api_key is None:
             return
-        header = request.headers.get("authorization", "")
+        header = headers.get("authorization", "")
         if not header:
             raise APIError(401, "Missing API key: send it as 'Authorization: Bearer KEY'.", code="invalid_api_key")
         scheme, _, key = header.partition(" ")
@@ -74,6 +76,8 @@ class Service:
             raw = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise APIError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body nests too deeply to be read", code="invalid_json") from None
         try:
             request = ChatCompletionRequest.model_validate(raw)
         except ValidationError as err:
@@ -85,6 +89,8 @@ class Service:
             raise APIError(404, f"The model '{request.model}' does not exist; this server serves '{self.settings.model_name}'.", "model", "model_not_found")
         if request.n != 1:
             raise APIError(400, f"n: only 1 choice per request is supported, got {request.n}", "n", "unsupported_value")
+        if (name := protocol.unsupported_field(request)) is not None:
+            raise APIError(400, f"{name}: not supported by MiniGPT-4 (got {request.model_extra[name]!r})", name, "unsupported_parameter")
         check_messages(request.messages, self.settings.max_images)
         return request
 
@@ -102,9 +108,11 @@ class Service:
             kwargs["temperature"] = defaults["temperature"] if request.temperature is None else request.temperature
             kwargs["top_p"] = defaults["top_p"] if request.top_p is None else request.top_p
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
-        if len(stop) > self.settings.max_stop or not all(stop):
-            raise APIError(400, f"stop: at most {self.settings.max_stop} non-empty strings", "stop", "invalid_value")
-        return kwargs, stop, request.seed
+        if len(stop) > self.settings.max_stop or not all(stop) or max(map(len, stop), default=0) > self.settings.max_stop_chars:
+            raise APIError(400, f"stop: at most {self.settings.max_stop} non-empty strings of at most "
+                           f"{self.settings.max_stop_chars} characters", "stop", "invalid_value")
+        # A seed means something to sampling only; a greedy request with one may share a batch.
+        return kwargs, stop, request.seed if kwargs["do_sample"] else None
 
     # ---- the blocking part, in a worker thread ----
     def conversation(self, messages: list[Message]) -> tuple[Conversation, list]:
@@ -124,15 +132,12 @@ class Service:
                     chat.ask(part.text, conv)
         return conv, img_list
 
-    def answer(self, request: ChatCompletionRequest) -> Reply:
+    def replies(self, request: ChatCompletionRequest, decode_partial: bool) -> Iterator[Reply]:
+        """The answer as ``Chat.stream_reply`` writes it, streamed or not: closing the iterator
+        between two pieces cancels it, so a client that leaves frees its row."""
         kwargs, stop, seed = self.generation(request)
         conv, img_list = self.conversation(request.messages)
-        return self.chat.reply(conv, img_list, stop=stop, seed=seed, **kwargs)
-
-    def stream(self, request: ChatCompletionRequest) -> Iterator[Reply]:
-        kwargs, stop, seed = self.generation(request)
-        conv, img_list = self.conversation(request.messages)
-        yield from self.chat.stream_reply(conv, img_list, stop=stop, seed=seed, **kwargs)
+        yield from self.chat.stream_reply(conv, img_list, stop=stop, seed=seed, truncate=False, decode_partial=decode_partial, **kwargs)
 
     # ---- admission ----
     def admit(self) -> None:
@@ -185,6 +190,8 @@ def error_response(err: Exception) -> JSONResponse:
         api = APIError(503, f"The model backend is unavailable: {err}", code="engine_unavailable")
     elif isinstance(err, EngineRequestError):
         api = APIError(400, str(err), code="invalid_value")
+    elif isinstance(err, ContextTooLong):
+        api = APIError(400, f"messages: {err}; send a shorter conversation or a smaller max_tokens", "messages", "context_length_exceeded")
     else:
         logger.error("request failed", exc_info=err)
         api = APIError(500, f"The server failed on this request ({type(err).__name__}: {err}).", code="internal_error")
@@ -233,6 +240,34 @@ async def thread_iter(service: Service, make: Callable[[], Iterator[Any]]) -> As
         leave.set()
 
 
+async def finished(replies: AsyncIterator[Reply]) -> Reply:
+    """The finished reply, past the pieces before it."""
+    async for reply in replies:
+        if reply.result is not None:
+            return reply
+    raise RuntimeError("the answer ended without its result")
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[Any]) -> tuple[bool, Any]:
+    """``(True, result of work)``, or ``(False, None)`` with ``work`` cancelled once the client has gone."""
+
+    async def left() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(left())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():  # the client left (or this handler is being cancelled)
+            task.cancel()
+            await asyncio.wait({task})  # its async generators close before anyone touches them
+    if task.cancelled():
+        return False, None
+    return True, task.result()
+
+
 async def sse(service: Service, request: ChatCompletionRequest, first: Reply | None, rest: AsyncIterator[Reply]) -> AsyncIterator[str]:
     """OpenAI's chunks as server-sent events: the role, text deltas, the finish, the usage, ``[DONE]``."""
     id_, model = protocol.completion_id(), service.settings.model_name
@@ -275,7 +310,7 @@ def create_app(chat: Chat, settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="MiniGPT-4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, authorize=service.authorize)
 
     async def handle(request: Request, err: Exception) -> JSONResponse:
         return error_response(err)
@@ -284,7 +319,7 @@ def create_app(chat: Chat, settings: ServeSettings) -> FastAPI:
         return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
 
     # Expected failures are answered here; anything else also reaches Exception (500) and is logged.
-    for kind in (APIError, EngineUnavailable, EngineRequestError, Exception):
+    for kind in (APIError, EngineUnavailable, EngineRequestError, ContextTooLong, Exception):
         app.add_exception_handler(kind, handle)
     app.add_exception_handler(StarletteHTTPException, handle_http)
 
@@ -297,22 +332,26 @@ def create_app(chat: Chat, settings: ServeSettings) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        service.authorize(request)
+        service.authorize(request.headers)
         return JSONResponse({"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "minigpt4"}]})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        service.authorize(request)
-        body = service.parse(await request.body())
+        # The key was checked before the body was read (BodyLimit); parsing a large body would hold the event loop.
+        body = await asyncio.to_thread(service.parse, await request.body())
         service.admit()
         if not body.stream:
+            replies = thread_iter(service, lambda: service.replies(body, decode_partial=False))
             try:
-                reply = await in_thread(service, lambda: service.answer(body))
+                answered, reply = await unless_client_leaves(request, finished(replies))
             finally:
                 service.release()
+                await replies.aclose()
+            if not answered:  # nobody is there to read a response
+                return Response(status_code=499)
             result = reply.result
             return JSONResponse(protocol.completion(protocol.completion_id(), settings.model_name, reply.text, result.finish_reason, result.prompt_tokens, result.completion_tokens))
-        replies = thread_iter(service, lambda: service.stream(body))
+        replies = thread_iter(service, lambda: service.replies(body, decode_partial=True))
         try:
             # The first piece comes before any header: a bad image or a backend that is down still gets its status.
             first = await anext(replies, None)
@@ -325,18 +364,25 @@ def create_app(chat: Chat, settings: ServeSettings) -> FastAPI:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413 before the app sees it.
+    """ASGI middleware: a request with a body is authorized on its headers before any of the body is
+    kept (``authorize``: 401), and a body over ``max_bytes`` gets 413 before the app sees it.
 
-    The body is read here (the app needs it whole anyway) and handed on; an oversized one is read
-    to the end, up to a bound, so the client, still sending, gets to read the 413.
+    The body is read here (the app needs it whole anyway) and handed on. A refused one is read to
+    the end without being kept, up to a bound, so the client, still sending, gets to read the answer.
     """
 
-    def __init__(self, app: Callable, max_bytes: int, drain_bytes: int = 256 * 2**20):
-        self.app, self.max_bytes, self.drain_bytes = app, max_bytes, drain_bytes
+    def __init__(self, app: Callable, max_bytes: int, authorize: Callable[[Headers], None], drain_bytes: int = 256 * 2**20):
+        self.app, self.max_bytes, self.authorize, self.drain_bytes = app, max_bytes, authorize, drain_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        refusal = None
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            try:
+                self.authorize(Headers(scope=scope))
+            except APIError as err:
+                refusal = err
         body, size, more = bytearray(), 0, True
         while more:
             message = await receive()
@@ -344,14 +390,15 @@ class BodyLimit:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size <= self.max_bytes:
+            if refusal is None and size <= self.max_bytes:
                 body += chunk
             more = message.get("more_body", False)
             if size > self.drain_bytes:
                 break
-        if size > self.max_bytes:
-            error = APIError(413, f"The request body is over {self.max_bytes} bytes (--max-body-mb).", code="request_too_large")
-            return await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+        if refusal is None and size > self.max_bytes:
+            refusal = APIError(413, f"The request body is over {self.max_bytes} bytes (--max-body-mb).", code="request_too_large")
+        if refusal is not None:
+            return await JSONResponse(refusal.body(), status_code=refusal.status)(scope, receive, send)
         replayed = False
 
         async def replay():

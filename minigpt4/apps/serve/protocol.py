@@ -38,10 +38,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``. Fields OpenAI has and MiniGPT-4 does not use are ignored."""
+INT64 = 2**63
 
-    model_config = ConfigDict(extra="ignore")
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions``.
+
+    Fields OpenAI has and MiniGPT-4 cannot honour are refused when they ask for something
+    (:data:`UNSUPPORTED`: ``logprobs: true``, tools, a JSON response format, penalties) and read
+    past at their neutral values, as clients send them; other unknown fields are ignored.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -50,11 +58,35 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)  # OpenAI's: a 64-bit integer
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+
+# Fields that change what OpenAI would answer, and their values that ask for nothing.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+}
+
+
+def unsupported_field(request: ChatCompletionRequest) -> str | None:
+    """The first field of ``request`` that asks for something MiniGPT-4 cannot do, or None."""
+    extra = request.model_extra or {}
+    return next((name for name, neutral in UNSUPPORTED.items() if name in extra and extra[name] not in neutral), None)
 
 
 class APIError(Exception):
