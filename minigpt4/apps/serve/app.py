@@ -90,7 +90,7 @@ class Service:
         if request.n != 1:
             raise APIError(400, f"n: only 1 choice per request is supported, got {request.n}", "n", "unsupported_value")
         if (name := protocol.unsupported_field(request)) is not None:
-            raise APIError(400, f"{name}: not supported by MiniGPT-4 (got {request.model_extra[name]!r})", name, "unsupported_parameter")
+            raise APIError(400, f"{name}: not supported by MiniGPT-4 (got {json.dumps(request.model_extra[name])[:200]})", name, "unsupported_parameter")
         check_messages(request.messages, self.settings.max_images)
         return request
 
