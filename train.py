@@ -64,6 +64,28 @@ def resolve_resume(args: argparse.Namespace, output_dir: Path, job_id: str | Non
     return str(ckpt), ckpt.parent.name
 
 
+def new_job_id(output_dir: Path) -> str:
+    """The time to the second, with a count after it if a run started in that second already."""
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    job_id, n = stamp, 1
+    while (output_dir / job_id).exists():
+        job_id, n = f"{stamp}_{n}", n + 1
+    return job_id
+
+
+def refuse_a_used_folder(folder: Path) -> None:
+    """A new run must not write over an earlier run's checkpoints (nor mix its log with theirs)."""
+    from minigpt4.common.config import ConfigError
+    from minigpt4.runners.runner_base import find_latest_checkpoint
+
+    previous = find_latest_checkpoint(folder)
+    if previous is not None:
+        raise ConfigError(
+            f"run.job_id: '{folder}' holds an earlier run's checkpoints ({previous.name}); continue that run with "
+            "--resume auto, or give this one another --job-id (or remove the folder)"
+        )
+
+
 def main(argv: list[str] | argparse.Namespace | None = None):
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
     # heavy imports after argparse, so --help is instant and needs no GPU
@@ -85,7 +107,9 @@ def main(argv: list[str] | argparse.Namespace | None = None):
             run_cfg.resume_ckpt_path = resume
         if job_id is None:
             # every rank must agree on the folder: rank 0's clock decides
-            job_id = dist_utils.all_gather_object(time.strftime("%Y%m%d%H%M%S"))[0]
+            job_id = dist_utils.all_gather_object(new_job_id(Path(run_cfg.output_dir)))[0]
+        elif not resume:
+            refuse_a_used_folder(Path(run_cfg.output_dir) / job_id)
         run_cfg.job_id = job_id
         run_cfg.world_size, run_cfg.rank, run_cfg.distributed = dist.world_size, dist.rank, dist.distributed
 

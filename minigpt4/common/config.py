@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
@@ -184,6 +185,13 @@ def _check_values(section: str, cfg: DictConfig) -> None:
     for key in POSITIVE.get(section, ()):
         if cfg[key] is not None and cfg[key] < 1:
             raise ConfigError(f"{section}.{key}: must be at least 1, got {cfg[key]}")
+    if section == "run" and cfg.num_workers < 0:
+        raise ConfigError(f"run.num_workers: must be 0 (load in the training process) or more, got {cfg.num_workers}")
+    if section == "run":
+        try:
+            torch.device(cfg.device)
+        except RuntimeError:
+            raise ConfigError(f"run.device: '{cfg.device}' is not a device (e.g. cuda, cuda:1, cpu)") from None
     if section == "run" and cfg.save_every_iters and cfg.save_every_iters % cfg.accum_grad_iters:
         # a checkpoint between the micro-steps of one optimizer step could not resume exactly
         raise ConfigError(f"run.save_every_iters: {cfg.save_every_iters} must be a multiple of run.accum_grad_iters ({cfg.accum_grad_iters})")
@@ -236,15 +244,47 @@ def _load_yaml(path: str | Path, what: str) -> DictConfig:
     return cfg
 
 
+# What YAML reads as "nothing" when it is written out: a value that reads as None otherwise (``###``,
+# which YAML takes for a comment) is refused rather than silently set to None.
+YAML_NULLS = ("", "null", "Null", "NULL", "~", "None")
+
+
 def _parse_options(options: Sequence[str] | None) -> DictConfig:
-    options = list(options or [])
-    for opt in options:
-        if "=" not in opt:
+    """``key=value`` overrides, each value read as YAML (``3`` an int, ``[a, b]`` a list)."""
+    merged = OmegaConf.create()
+    for opt in options or []:
+        key, sep, value = opt.partition("=")
+        if not sep or not key.strip():
             raise ConfigError(f"--options: '{opt}' is not of the form key=value")
-    try:
-        return OmegaConf.from_dotlist(options)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"--options: {err}") from err
+        quote_it = f"quote it to mean the text: {key}='{value}'"
+        try:
+            parsed = OmegaConf.from_dotlist([opt])
+        except Exception as err:  # omegaconf's errors, and yaml's parser errors (not OmegaConf's)
+            reason = str(err).splitlines()[0]
+            raise ConfigError(f"--options: {key}: the value {value!r} is not valid YAML ({reason}); {quote_it}") from None
+        if OmegaConf.select(parsed, key) is None and value.strip() not in YAML_NULLS:
+            raise ConfigError(f"--options: {key}: the value {value!r} reads as YAML's null ('#' starts a comment); {quote_it}")
+        merged = OmegaConf.merge(merged, parsed)
+    return merged
+
+
+# The keys of a ``datasets.<name>`` section; its ``build_info`` keys are those of the builder's default YAML.
+DATASET_KEYS = ("type", "data_type", "batch_size", "sample_ratio", "vis_processor", "text_processor", "build_info")
+
+
+def _check_dataset_keys(name: str, section: DictConfig, defaults: DictConfig) -> None:
+    """A misspelled key would be read past (the default used instead): refuse it by name."""
+    for key in section:
+        if key not in DATASET_KEYS:
+            raise ConfigError(f"datasets.{name}.{key}: unknown key (known keys: {', '.join(DATASET_KEYS)})")
+    info, known = section.get("build_info"), defaults.get("build_info") or {}
+    if info is None:
+        return
+    if not isinstance(info, DictConfig):
+        raise ConfigError(f"datasets.{name}.build_info: must be a mapping of keys to values, got {info!r}")
+    for key in info:
+        if key not in known:
+            raise ConfigError(f"datasets.{name}.build_info.{key}: unknown key (known keys: {', '.join(known)})")
 
 
 class Config:
@@ -261,6 +301,11 @@ class Config:
         user = OmegaConf.merge(user, overrides)
         for unknown in set(user) - {"model", "datasets", "run", "preprocess", "generation", "env"}:
             raise ConfigError(f"{unknown}: unknown section (expected model, datasets, run, preprocess, generation)")
+        for name in list(user):
+            if user[name] is None:  # a section whose keys are all commented out
+                user[name] = {}
+            elif not isinstance(user[name], DictConfig):
+                raise ConfigError(f"{name}: must be a mapping of keys to values in '{cfg_path}', got {OmegaConf.to_yaml(user[name]).strip()[:80]!r}")
 
         env = _load_yaml(Path(registry.get_path("library_root")) / "configs" / "default.yaml", "configs/default.yaml")
         model, preprocess, generation = self._build_model_config(user)
@@ -319,15 +364,22 @@ class Config:
                 builder_cls = registry.get_builder_class(name)
             except RegistryError as err:
                 raise ConfigError(f"datasets.{name}: {err}") from None
-            section = section or {}
+            section = OmegaConf.create() if section is None else section
+            if not isinstance(section, DictConfig):
+                raise ConfigError(f"datasets.{name}: must be a mapping of keys to values, got {section!r}")
             config_type = section.get("type", "default")
-            path = builder_cls.default_config_path(config_type)
+            try:
+                path = builder_cls.default_config_path(config_type)
+            except KeyError as err:
+                raise ConfigError(f"datasets.{name}.type: {err.args[0]}") from None
             defaults = _load_yaml(path, f"datasets.{name}.type={config_type}").get("datasets", {}).get(name, {})
+            _check_dataset_keys(name, section, defaults)
             merged[name] = OmegaConf.merge(defaults, section)
-            for key in ("batch_size", "sample_ratio"):
-                value = merged[name].get(key)
-                if value is not None and not isinstance(value, (int, float)) or isinstance(value, bool):
-                    raise ConfigError(f"datasets.{name}.{key}: expected a number, got {value!r}")
+            batch_size, ratio = merged[name].get("batch_size"), merged[name].get("sample_ratio")
+            if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+                raise ConfigError(f"datasets.{name}.batch_size: expected a whole number of at least 1 (per GPU), got {batch_size!r}")
+            if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0):
+                raise ConfigError(f"datasets.{name}.sample_ratio: expected a number above 0, got {ratio!r}")
         return merged
 
     @property

@@ -268,6 +268,9 @@ class RunnerBase:
         resume = self.run_cfg.resume_ckpt_path
         if resume:
             self.resume_from(Path(resume))
+            if self.start_epoch >= self.max_epoch:
+                logger.warning("'%s' is the end of the run (epoch %d of %d): there is nothing left to train; "
+                               "raise run.max_epoch to train on from it", resume, self.start_epoch, self.max_epoch)
         if dist_utils.is_main_process():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._setup_trackers()

@@ -7,6 +7,13 @@ from conftest import tiny_model_section
 from minigpt4.common.config import Config, ConfigError
 
 
+NANO = {"model": {"arch": "mini_gpt4", "model_type": "nano"}}
+
+
+def shapes(**section) -> dict:
+    return {**NANO, "datasets": {"synthetic_shapes": {"batch_size": 8, **section}}}
+
+
 def load(write_yaml, cfg, options=None):
     return Config(cfg_path=str(write_yaml(cfg)), options=options)
 
@@ -59,11 +66,42 @@ def test_to_dict_is_plain_and_round_trips(write_yaml):
         ({"model": {"arch": "mini_gpt4", "model_type": "nano"}, "run": {"accum_grad_iters": 2, "save_every_iters": 3}}, None, r"run\.save_every_iters: 3 must be a multiple of run\.accum_grad_iters \(2\)"),
         ({"model": {"arch": "mini_gpt4", "model_type": "nano"}, "generation": {"max_new_tokens": 0}}, None, r"generation\.max_new_tokens: must be at least 1"),
         ({"model": {"arch": "mini_gpt4", "model_type": "nano"}, "generation": {"temperature": 0}}, None, r"generation\.temperature must be > 0.*greedy: do_sample: False"),
+        # --options values YAML cannot read, or reads as null: the key, the value, and how to quote it
+        (NANO, ["model.prompt_template=[INST] {} [/INST] "], r"--options: model\.prompt_template: the value '\[INST\] \{\} \[/INST\] ' is not valid YAML .*quote it to mean the text: model\.prompt_template='\[INST\] \{\} \[/INST\] '"),
+        (NANO, ["model.end_sym=###"], r"--options: model\.end_sym: the value '###' reads as YAML's null \('#' starts a comment\); quote it"),
+        # sections: a list where a mapping belongs
+        ({**NANO, "datasets": ["synthetic_shapes"]}, None, r"datasets: must be a mapping of keys to values"),
+        # a dataset section's misspelled keys are refused, not read past
+        (shapes(batch_szie=4), None, r"datasets\.synthetic_shapes\.batch_szie: unknown key \(known keys: type, data_type, batch_size"),
+        (shapes(build_info={"restlye": 0.5}), None, r"datasets\.synthetic_shapes\.build_info\.restlye: unknown key \(known keys: num_samples, .*restyle"),
+        (shapes(type="big"), None, r"datasets\.synthetic_shapes\.type: unknown dataset config type 'big' for synthetic_shapes; known: default"),
+        (shapes(batch_size=2.5), None, r"datasets\.synthetic_shapes\.batch_size: expected a whole number of at least 1 \(per GPU\), got 2\.5"),
+        (shapes(batch_size=-2), None, r"datasets\.synthetic_shapes\.batch_size: expected a whole number of at least 1"),
+        (shapes(sample_ratio=0), None, r"datasets\.synthetic_shapes\.sample_ratio: expected a number above 0, got 0"),
+        ({**NANO, "run": {"num_workers": -1}}, None, r"run\.num_workers: must be 0 \(load in the training process\) or more, got -1"),
+        ({**NANO, "run": {"device": "gpu"}}, None, r"run\.device: 'gpu' is not a device \(e\.g\. cuda, cuda:1, cpu\)"),
     ],
 )
 def test_bad_configs_fail_at_load_with_the_key_path(write_yaml, cfg, options, message):
     with pytest.raises(ConfigError, match=message):
         load(write_yaml, cfg, options)
+
+
+def test_sections_whose_keys_are_all_commented_out_are_empty(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model:\n  arch: mini_gpt4\n  model_type: nano\nrun:\n  # init_lr: 1e-4\ngeneration:\nenv:\ndatasets:\n  synthetic_shapes:\n")
+    cfg = Config(cfg_path=str(path))
+    assert cfg.run_cfg.init_lr == 1e-4 and cfg.config.generation.max_new_tokens > 0
+    assert cfg.config.datasets.synthetic_shapes.build_info.num_samples == 100000
+
+
+def test_a_dataset_processor_with_a_misspelled_key_is_named_by_its_path(write_yaml):
+    from minigpt4.datasets.builders import SyntheticShapesBuilder
+    from minigpt4.datasets.data_utils import DatasetError
+
+    cfg = load(write_yaml, shapes(vis_processor={"train": {"name": "blip2_image_train", "image_sise": 64}}))
+    with pytest.raises(DatasetError, match=r"datasets\.synthetic_shapes\.vis_processor\.train: .*image_sise"):
+        SyntheticShapesBuilder(cfg.config.datasets.synthetic_shapes).build_processors()
 
 
 def test_missing_and_broken_files(tmp_path):

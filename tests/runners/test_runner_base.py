@@ -86,6 +86,28 @@ def test_bad_checkpoints_give_clear_errors(train, write_yaml, align_dir, tmp_pat
     assert [h["epoch"] for h in runner.history] == [1, 1]
 
 
+def test_a_new_run_does_not_write_over_an_earlier_runs_checkpoints(train, write_yaml, align_dir, tmp_path, capsys):
+    cfg = stage2_config(align_dir, tmp_path, max_epoch=1, iters_per_epoch=2)
+    run(train, write_yaml, cfg)
+    first = (tmp_path / "job" / "checkpoint_0.pth").read_bytes()
+    with pytest.raises(ConfigError, match=r"run\.job_id: '.*job' holds an earlier run's checkpoints \(checkpoint_0\.pth\); continue that run with --resume auto, or give this one another --job-id"):
+        run(train, write_yaml, cfg)
+    assert (tmp_path / "job" / "checkpoint_0.pth").read_bytes() == first  # untouched
+    # Continuing a run that has ended says so, rather than training nothing without a word.
+    runner = run(train, write_yaml, cfg, "--resume", "auto")
+    assert runner.history == [] and "is the end of the run (epoch 1 of 1): there is nothing left to train" in capsys.readouterr().err
+
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(train, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.time, "strftime", lambda fmt: "20261208010203")
+    assert train.new_job_id(tmp_path) == "20261208010203"
+    (tmp_path / "20261208010203").mkdir()
+    assert train.new_job_id(tmp_path) == "20261208010203_1"
+    (tmp_path / "20261208010203_1").mkdir()
+    assert train.new_job_id(tmp_path) == "20261208010203_2"
+
+
 def test_latest_checkpoint_is_found_by_position(tmp_path):
     for name in ["checkpoint_0.pth", "checkpoint_1_iter4.pth", "checkpoint_1_iter12.pth", "checkpoint_2_iter2.pth.tmp", "notes.pth"]:
         (tmp_path / name).write_bytes(b"")

@@ -51,7 +51,10 @@ class BaseDatasetBuilder:
             cls = registry.get_processor_class(cfg.name)
         except RegistryError as err:
             raise DatasetError(f"{self.key(kind, 'train', 'name')}: {err}") from None
-        return cls.from_config(cfg)
+        try:
+            return cls.from_config(cfg)
+        except ValueError as err:  # a key the processor does not take, or a value it refuses
+            raise DatasetError(f"{self.key(kind, 'train')}: {err}") from None
 
     def build_processors(self) -> tuple[Callable, Callable | None]:
         return self._processor("vis_processor", True), self._processor("text_processor", self.text_processor_required)
