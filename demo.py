@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import tempfile
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import gradio as gr
 from PIL import Image
 
 from minigpt4.chat import DEFAULT_CFG, load_chat
-from minigpt4.common.cli import existing_file
+from minigpt4.common.cli import ArgumentError, existing_file
 from minigpt4.conversation import IMAGE_MESSAGE, Chat, Conversation, ImageError, open_image
 from minigpt4.conversation.engines import DECODES
 
@@ -56,7 +57,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-kv-cache", action="store_true", help="re-encode the whole conversation every turn, as the original")
     parser.add_argument("--decode", choices=DECODES, default="generate",
                         help="static: our decode loop, its step one CUDA graph on a GPU (the KV cache is the loop's own)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    for flag in ("concurrency", "max_queue"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
+    return args
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be listened on now (checked before the model takes minutes to load)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closed port in TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def user_error(message: str) -> gr.Error:
@@ -120,12 +136,12 @@ class Handlers:
     def clear_history(self, conv: Conversation | None, img_list: list):
         # The chat box's own "Clear" keeps the picture and forgets the questions.
         if conv is None:
-            return None, ""
+            return None, "", gr.update()
         fresh = self.chat.new_conversation()
         for _ in img_list:
             fresh.append_message(fresh.roles[0], IMAGE_MESSAGE)
         fresh.kv_cache = conv.kv_cache  # it still holds the system prompt and the picture
-        return fresh, ""
+        return fresh, "", gr.update(interactive=True)  # also after an answer it stopped
 
     def ask(self, question: str, chatbot: list, conv: Conversation | None):
         question = (question or "").strip()
@@ -235,14 +251,16 @@ def build_demo(chat: Chat, concurrency: int = 1) -> gr.Blocks:
             show_progress="hidden",  # the error goes to a message, not a red badge on every output
             **model_events,
         )
-        text_input.submit(handlers.ask, [text_input, chatbot, chat_state], [text_input, chatbot, pending]).then(
+        answering = text_input.submit(handlers.ask, [text_input, chatbot, chat_state], [text_input, chatbot, pending]).then(
             handlers.answer, [pending, chatbot, chat_state, img_list, num_beams, temperature], [chatbot, chat_state], **model_events
-        ).then(
-            lambda conv: gr.update(interactive=conv is not None), [chat_state], [text_input]
         )
-        chatbot.clear(handlers.clear_history, [chat_state, img_list], [chat_state, pending])
+        answering.then(lambda conv: gr.update(interactive=conv is not None), [chat_state], [text_input])
+        # Clearing or restarting while an answer is written stops that answer: its last step would
+        # otherwise put the old conversation back into the session.
+        chatbot.clear(handlers.clear_history, [chat_state, img_list], [chat_state, pending, text_input], cancels=[answering])
         clear.click(
-            handlers.restart, None, [chatbot, image_file, image_view, upload_button, text_input, chat_state, img_list, pending]
+            handlers.restart, None, [chatbot, image_file, image_view, upload_button, text_input, chat_state, img_list, pending],
+            cancels=[answering],
         )
     return demo
 
@@ -251,6 +269,8 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     existing_file("--cfg-path", args.cfg_path)  # before the model loads
+    if not port_is_free(args.host, args.port):
+        raise ArgumentError(f"--port: {args.host}:{args.port} is in use; pick another with --port")
     logger.info("Initializing Chat")
     chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=not args.no_kv_cache, decode=args.decode)
     logger.info("Initialization Finished")

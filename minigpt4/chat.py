@@ -163,14 +163,26 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def done_images(out_path: Path) -> set[str]:
-    """Names already captioned in ``out_path``; a half-written last line (a killed run) is dropped."""
+    """Names already captioned in ``out_path``. A last line without its newline is a whole line
+    (one written by hand or by another program: it gets its newline) or a half-written one (a
+    killed run: it is dropped, and its image captioned again)."""
     if not out_path.exists():
         return set()
     raw = out_path.read_bytes()
     if raw and not raw.endswith(b"\n"):
-        raw = raw[: raw.rfind(b"\n") + 1]
-        out_path.write_bytes(raw)
-        logger.warning("%s: dropped a half-written last line", out_path)
+        last = raw[raw.rfind(b"\n") + 1 :]
+        try:
+            whole = isinstance(json.loads(last), dict)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            whole = False
+        if whole:
+            raw += b"\n"
+            with open(out_path, "ab") as out:
+                out.write(b"\n")
+        else:
+            raw = raw[: len(raw) - len(last)]
+            out_path.write_bytes(raw)
+            logger.warning("%s: dropped a half-written last line", out_path)
     done = set()
     for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
         try:
@@ -191,8 +203,9 @@ def caption_folder(chat, folder: Path, out_path: Path, prompt: str = DEFAULT_CAP
 
         raise ArgumentError(f"--batch-size: must be at least 1, got {batch_size}")
     done = done_images(out_path)
-    todo = [p for p in list_images(folder) if p.name not in done]
-    logger.info("%d images in %s, %d already captioned, %d to go", len(todo) + len(done), folder, len(done), len(todo))
+    images = list_images(folder)
+    todo = [p for p in images if p.name not in done]
+    logger.info("%d images in %s, %d already captioned, %d to go", len(images), folder, len(images) - len(todo), len(todo))
     written = 0
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="captioning", unit="img") as bar:
@@ -218,7 +231,7 @@ def caption_folder(chat, folder: Path, out_path: Path, prompt: str = DEFAULT_CAP
 def generation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation (default: the config's generation section)")
     group.add_argument("--num-beams", type=int)
-    group.add_argument("--temperature", type=float, help="sampling temperature (implies --sample)")
+    group.add_argument("--temperature", type=float, help="sampling temperature (implies --sample); 0: greedy, as in the demo")
     group.add_argument("--max-new-tokens", type=int)
     group.add_argument("--max-length", type=int, help="context + new tokens kept (older context is dropped)")
     choice = group.add_mutually_exclusive_group()
@@ -228,9 +241,15 @@ def generation_args(parser: argparse.ArgumentParser) -> None:
 
 def generation_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The ``generate`` settings the flags set; what they leave out comes from the config."""
-    settings = dict(num_beams=args.num_beams, temperature=args.temperature, max_new_tokens=args.max_new_tokens, max_length=args.max_length)
+    if args.temperature is not None and (args.temperature < 0 or (args.temperature == 0 and args.sample)):
+        from minigpt4.common.cli import ArgumentError
+
+        raise ArgumentError(f"--temperature: {args.temperature:g} is not a sampling temperature (0 is greedy; above 0 samples)")
+    greedy = args.greedy or args.temperature == 0
+    temperature = None if args.temperature == 0 else args.temperature
+    settings = dict(num_beams=args.num_beams, temperature=temperature, max_new_tokens=args.max_new_tokens, max_length=args.max_length)
     settings = {k: v for k, v in settings.items() if v is not None}
-    if args.greedy:
+    if greedy:
         settings["do_sample"] = False
     elif args.sample or args.temperature is not None:
         settings["do_sample"] = True
@@ -246,8 +265,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--image", nargs="+", type=Path, help="image(s) to chat about, in order")
     mode.add_argument("--caption-dir", type=Path, help="caption every image in this folder")
     parser.add_argument("--out", type=Path, help="captions file (JSON lines), appended to and resumed")
-    parser.add_argument("--prompt", default=DEFAULT_CAPTION_PROMPT, help="question asked of every image when captioning")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per generate call when captioning")
+    parser.add_argument("--prompt", help=f"question asked of every image when captioning (default: {DEFAULT_CAPTION_PROMPT!r})")
+    parser.add_argument("--batch-size", type=int, help="images per generate call when captioning (default: 8)")
     parser.add_argument("--no-kv-cache", action="store_true", help="re-encode the whole conversation every turn, as the original")
     parser.add_argument("--decode", choices=DECODES, default="generate",
                         help="static: our decode loop, its step one CUDA graph on a GPU (the KV cache is the loop's own)")
@@ -255,12 +274,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.caption_dir is not None and args.out is None:
         parser.error("--caption-dir needs --out captions.jsonl")
+    if args.caption_dir is None:
+        given = [flag for flag, value in (("--out", args.out), ("--prompt", args.prompt), ("--batch-size", args.batch_size)) if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: for --caption-dir only (a chat with --image prints to the terminal)")
+    args.prompt = DEFAULT_CAPTION_PROMPT if args.prompt is None else args.prompt
+    args.batch_size = 8 if args.batch_size is None else args.batch_size
     return args
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Every file and number the flags name, checked before the model loads (seconds, not minutes)."""
-    from minigpt4.common.cli import ArgumentError, existing_file, existing_folder
+    from minigpt4.common.cli import ArgumentError, existing_file, existing_folder, writable_file
     from minigpt4.conversation import ImageError, open_image
 
     existing_file("--cfg-path", args.cfg_path)
@@ -271,8 +296,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise ArgumentError(f"--image: {err}") from None
     if args.caption_dir is not None:
         existing_folder("--caption-dir", args.caption_dir)
-        if args.out.is_dir():
-            raise ArgumentError(f"--out: '{args.out}' is a folder; give a file such as captions.jsonl")
+        writable_file("--out", args.out)
     for flag in ("batch_size", "num_beams", "max_new_tokens", "max_length"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -283,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     check_args(args)
-    generation = generation_from_args(args)
+    generation = generation_from_args(args)  # its flags are checked before the model loads too
     chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=not args.no_kv_cache, decode=args.decode)
     try:
         if args.caption_dir is not None:

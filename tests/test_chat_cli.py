@@ -119,6 +119,11 @@ def cli_error(argv: list[str], capsys) -> str:
         (["--caption-dir", "nowhere", "--out", "c.jsonl"], "error: --caption-dir: no such folder 'nowhere'"),
         (["--image", str(REF / "img0.png"), "--max-new-tokens", "0"], "error: --max-new-tokens: must be at least 1, got 0"),
         (["--image", str(REF / "img0.png"), "--decode", "graph"], "python -m minigpt4.chat: error: argument --decode: invalid choice: 'graph'"),
+        (["--image", str(REF / "img0.png"), "--out", "c.jsonl"], "python -m minigpt4.chat: error: --out: for --caption-dir only"),
+        (["--image", str(REF / "img0.png"), "--prompt", "Hi", "--batch-size", "2"], "python -m minigpt4.chat: error: --prompt, --batch-size: for --caption-dir only"),
+        (["--image", str(REF / "img0.png"), "--temperature", "-1"], "error: --temperature: -1 is not a sampling temperature (0 is greedy; above 0 samples)"),
+        (["--caption-dir", "tests", "--out", "README.md/c.jsonl"], "error: --out: 'README.md' is a file, so 'README.md/c.jsonl' cannot be written"),
+        (["--caption-dir", "tests", "--out", "tests"], "error: --out: 'tests' is a folder; give a file name"),
     ],
 )
 def test_arguments_are_checked_before_the_model_loads(args, message, capsys, monkeypatch):
@@ -246,6 +251,32 @@ def test_decoding_flags_override_only_what_they_name():
     assert settings("--greedy", "--max-new-tokens", "20") == {"do_sample": False, "max_new_tokens": 20}
     assert settings("--temperature", "0.5") == {"do_sample": True, "temperature": 0.5}
     assert settings("--sample") == {"do_sample": True}
+    assert settings("--temperature", "0") == {"do_sample": False}  # greedy, as in the demo
+
+
+def test_a_whole_last_line_without_its_newline_is_kept(tmp_path):
+    """A captions file written by hand or another program: its last line is a caption, not a half-written one."""
+    from minigpt4.chat import done_images
+
+    out = tmp_path / "mine.jsonl"
+    out.write_text('{"image": "x.jpg", "caption": "a"}\n{"image": "y.jpg", "caption": "b"}')
+    assert done_images(out) == {"x.jpg", "y.jpg"}
+    assert out.read_text().endswith('"b"}\n')  # the next line written starts a line of its own
+    out.write_text('{"image": "x.jpg", "caption": "a"}\n{"image": "y.jp')
+    assert done_images(out) == {"x.jpg"} and out.read_text() == '{"image": "x.jpg", "caption": "a"}\n'
+
+
+def test_demo_checks_its_numbers_and_its_port_before_loading():
+    run = subprocess.run([sys.executable, "demo.py", "--concurrency", "0"], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].endswith("error: --concurrency: must be at least 1, got 0")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "demo.py", "--port", str(port)], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f"error: --port: 127.0.0.1:{port} is in use; pick another with --port"
+    assert "Initializing Chat" not in run.stderr  # before the model loads
 
 
 def test_chat_starts_from_the_configs_decoding(tiny_models):

@@ -10,10 +10,16 @@ from conftest import REF, REPO
 
 
 @pytest.fixture(scope="module")
-def handlers(tiny_models):
+def demo_module():
     spec = importlib.util.spec_from_file_location("minigpt4_demo", REPO / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
+    return demo
+
+
+@pytest.fixture(scope="module")
+def handlers(tiny_models, demo_module):
+    demo = demo_module
     from minigpt4.conversation import CONV_VISION_Vicuna0, Chat
     from minigpt4.processors.blip_processors import Blip2ImageEvalProcessor
 
@@ -72,5 +78,18 @@ def test_clear_keeps_the_picture(handlers):
     conv, img_list = started(handlers)
     handlers.chat.ask("Q", conv)
     conv.append_message(conv.roles[1], "A")
-    fresh, pending = handlers.clear_history(conv, img_list)
+    fresh, pending, question_box = handlers.clear_history(conv, img_list)
     assert fresh.messages == [["Human: ", "<Img><ImageHere></Img>"]] and pending == ""
+    assert question_box["interactive"] is True  # also when the clear stopped an answer that had locked it
+
+
+def test_restart_and_clear_stop_the_answer_being_written(demo_module, handlers):
+    """Otherwise the answer's last step writes the old conversation back into the session."""
+    page = demo_module.build_demo(handlers.chat)
+    dependencies = page.get_config_file()["dependencies"]
+    name = {d["id"]: getattr(page.fns[d["id"]], "name", None) for d in dependencies}
+    [answer] = [i for i, n in name.items() if n == "answer"]
+    for handler in ("restart", "clear_history"):
+        [trigger] = [d["targets"] for d in dependencies if name[d["id"]] == handler]
+        # Gradio cancels through an event of its own on the same trigger.
+        assert any(d["targets"] == trigger and answer in d["cancels"] for d in dependencies), handler

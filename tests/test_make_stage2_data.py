@@ -222,6 +222,21 @@ def test_finish_polishes_filters_and_reports_every_rule(tmp_path):
     assert len(rows(out)) == 1 and len(rows(rejected)) == 4
 
 
+def test_a_rerun_with_other_filter_settings_is_refused_rather_than_mixed(tmp_path):
+    from minigpt4.common.cli import ArgumentError
+
+    out = tmp_path / "annotations.jsonl"
+    raw, rejected = s2.side_files(out)
+    s2.check_filter_settings(out, rejected, {"min_words": 5, "polish_model": None})  # a first run
+    out.write_text('{"image": "a.png", "answer": "a red square on white"}\n')
+    s2.check_filter_settings(out, rejected, {"min_words": 5, "polish_model": None})  # the same: resumes
+    with pytest.raises(ArgumentError, match=r"other settings \(min_words 5 -> 1\); to apply the new ones, remove '.*annotations\.jsonl', "
+                       r"'.*annotations\.rejected\.jsonl' and '.*annotations\.jsonl\.settings\.json' \(the raw descriptions are kept"):
+        s2.check_filter_settings(out, rejected, {"min_words": 1, "polish_model": None})
+    out.unlink()
+    s2.check_filter_settings(out, rejected, {"min_words": 1, "polish_model": None})  # removed as told: the new settings apply
+
+
 # ---- end to end: the script, then a fine-tune on its output, then chat ----------------------------
 def test_make_data_then_finetune_then_chat(eval_cfg, image_dir, tmp_path, monkeypatch):
     out = image_dir / "annotations.jsonl"

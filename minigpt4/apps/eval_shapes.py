@@ -46,6 +46,8 @@ from minigpt4.datasets.datasets.synthetic_shapes import (
     questions,
 )
 
+logger = logging.getLogger(__name__)
+
 HELD_OUT_SEED = 1  # training configs use seed 0
 PROTOCOLS = ("single", "conversation", "renderer")
 CONVERSATION_TURNS = 4
@@ -351,6 +353,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--decode", choices=DECODES, default="generate",
                         help="static: each batch of questions by our decode loop (left-padded rows; one CUDA graph a step on a GPU)")
     args = parser.parse_args(argv)
+    for flag, value in (("--num-scenes", args.num_scenes), ("--batch-size", args.batch_size), ("--image-size", args.image_size)):
+        if value < 1:
+            parser.error(f"{flag}: must be at least 1, got {value}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from minigpt4.chat import DEFAULT_CFG, load_chat
@@ -358,13 +363,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chat = load_chat(args.cfg_path or DEFAULT_CFG, args.options, args.gpu_id, decode=args.decode)
     run = PROTOCOLS if args.protocol == "all" else (args.protocol,)
     result: dict[str, Any] = {}
+    # Each protocol's figures go to the log as it ends: an interrupted run keeps the finished ones.
     if "single" in run:
         single = evaluate(chat, args.num_scenes, args.seed, args.batch_size, args.image_size)
         result.update(single, single=single)  # the top-level keys stay those of the single protocol
+        logger.info("single: %s", json.dumps(single))
     if "conversation" in run:
         result["conversation"] = evaluate_conversations(chat, args.num_scenes, args.seed, args.image_size)
+        logger.info("conversation: %s", json.dumps(result["conversation"]))
     if "renderer" in run:
         result["renderer"] = evaluate_renderer(chat, args.num_scenes, args.seed, args.batch_size, args.image_size)
+        logger.info("renderer: %s", json.dumps(result["renderer"]))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return result

@@ -93,6 +93,17 @@ def main(argv: list[str] | None = None) -> Path:
     if args.llm_out and args.dtype != "float32":
         parser.error("--dtype applies to --out; --llm-out saves the LLM in its own precision")
     logging.basicConfig(level=logging.INFO)
+    # Where the result goes, checked before the model loads.
+    from minigpt4.common.cli import ArgumentError, existing_file, writable_file
+
+    existing_file("--cfg-path", args.cfg_path)
+    if args.llm_out:
+        llm_out = Path(args.llm_out)
+        if llm_out.is_file() or (llm_out.is_dir() and any(llm_out.iterdir())):
+            raise ArgumentError(f"--llm-out: '{llm_out}' is {'a file' if llm_out.is_file() else 'not empty'}; give a new folder")
+        writable_file("--llm-out", llm_out / "config.json")
+    else:
+        writable_file("--out", args.out)
 
     from minigpt4.common.config import Config
     from minigpt4.common.registry import registry

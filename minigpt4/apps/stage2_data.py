@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from minigpt4.common.cli import ArgumentError
+
 logger = logging.getLogger(__name__)
 
 DESCRIBE_QUESTION = "Describe this image in detail. Give as many details as possible. Say everything you see."
@@ -52,6 +54,25 @@ def side_files(out_path: Path) -> tuple[Path, Path]:
     """``annotations.jsonl`` -> ``annotations.raw.jsonl``, ``annotations.rejected.jsonl``."""
     stem = out_path.name[: -len(out_path.suffix)] if out_path.suffix else out_path.name
     return out_path.with_name(f"{stem}.raw.jsonl"), out_path.with_name(f"{stem}.rejected.jsonl")
+
+
+def check_filter_settings(out_path: Path, rejected_path: Path, settings: dict[str, Any]) -> None:
+    """The polish and filter settings a set was made with stay the set's: a rerun with other ones
+    (a new --min-words, another --polish-model) would add rows judged otherwise and report the
+    earlier ones by rules that did not judge them. Refused with what to remove; the raw descriptions,
+    the expensive part, are kept either way."""
+    record = out_path.with_name(f"{out_path.name}.settings.json")
+    started = any(path.is_file() and path.stat().st_size for path in (out_path, rejected_path))
+    if started and record.is_file():
+        earlier = json.loads(record.read_text())
+        if earlier != settings:
+            changed = ", ".join(f"{key} {earlier.get(key)!r} -> {value!r}" for key, value in settings.items() if earlier.get(key) != value)
+            raise ArgumentError(
+                f"--out: '{out_path}' was polished and filtered with other settings ({changed}); to apply the new ones, "
+                f"remove '{out_path}', '{rejected_path}' and '{record}' (the raw descriptions are kept and not redone)"
+            )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings) + "\n")
 
 
 def list_images(image_dir: Path) -> list[str]:
@@ -324,6 +345,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     from minigpt4.chat import generation_from_args, load_chat, pick_device
+    from minigpt4.common.cli import existing_folder, writable_file
 
     args = parse_args(argv)
     if not logging.getLogger().handlers:
@@ -331,6 +353,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     out_path = args.out or args.image_dir / "annotations.jsonl"
     raw_path, rejected_path = side_files(out_path)
     generation = generation_from_args(args)
+    # Checked now, not after hours of describing.
+    writable_file("--out", out_path)
+    if args.polish_model:
+        existing_folder("--polish-model", args.polish_model)
+    check_filter_settings(out_path, rejected_path, {"min_words": args.min_words, "polish_model": args.polish_model})
     rules = filter_rules(args.min_words)
     try:
         describe_folder(

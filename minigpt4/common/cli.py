@@ -3,6 +3,7 @@ ends the program with its one-line message (which names the key, file or URL) an
 instead of a traceback."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,21 @@ def existing_folder(flag: str, path: str | Path) -> Path:
     if not Path(path).is_dir():
         raise ArgumentError(f"{flag}: no such folder '{path}'")
     return Path(path)
+
+
+def writable_file(flag: str, path: str | Path) -> Path:
+    """``path`` as typed, if a file can be written there (it, or the folders it needs, can be made)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ArgumentError(f"{flag}: '{path}' is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArgumentError(f"{flag}: '{parent}' is a file, so '{path}' cannot be written")
+    if not os.access(parent, os.W_OK):
+        raise ArgumentError(f"{flag}: cannot write in '{parent}'")
+    return path
 
 
 def run_main(main: Callable[[], Any]) -> None:

@@ -265,3 +265,27 @@ def test_cli_keeps_the_single_protocol_keys_on_top(monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out) == result
     assert result == {**single, "single": single, "conversation": {"scenes": 2}, "renderer": {"scenes": 2}}
     assert eval_shapes.main(["-n", "3", "--protocol", "renderer"]) == {"renderer": {"scenes": 3}}
+
+
+@pytest.mark.parametrize("flags, message", [(["-n", "0"], "--num-scenes: must be at least 1, got 0"),
+                                            (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+                                            (["--image-size", "0"], "--image-size: must be at least 1, got 0")])
+def test_cli_checks_its_numbers_before_the_model_loads(flags, message, monkeypatch, capsys):
+    monkeypatch.setattr("minigpt4.chat.load_chat", lambda *args, **kwargs: pytest.fail("the model was loaded first"))
+    with pytest.raises(SystemExit) as exit_:
+        eval_shapes.main(flags)
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().endswith(message)
+
+
+def test_cli_logs_each_protocol_as_it_ends(monkeypatch, caplog):
+    """An interrupted run keeps the figures of the protocols that ended."""
+    monkeypatch.setattr("minigpt4.chat.load_chat", lambda *args, **kwargs: "chat")
+    monkeypatch.setattr(eval_shapes, "evaluate", lambda chat, n, *args: {"scenes": n})
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_shapes, "evaluate_conversations", interrupted)
+    with caplog.at_level("INFO", logger="minigpt4.apps.eval_shapes"), pytest.raises(KeyboardInterrupt):
+        eval_shapes.main(["-n", "2"])
+    assert 'single: {"scenes": 2}' in caplog.text

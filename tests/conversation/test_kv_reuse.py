@@ -356,7 +356,7 @@ def test_demo_sessions_reuse_the_cache_and_answer_as_the_original(make_chat, ori
     reply, conv, first = turn(QUESTIONS[0], conv)
     reply, conv, second = turn(QUESTIONS[1], conv)
     assert [reply, second < first / 2] == [reference[1][0], True]
-    fresh, _ = handlers.clear_history(conv, img_list)
+    fresh, _, _ = handlers.clear_history(conv, img_list)
     reply, fresh, after_clear = turn(QUESTIONS[0], fresh)
     assert reply == reference[0][0] and after_clear < first  # the system prompt and image came from the cache
 

@@ -61,6 +61,26 @@ def test_export_ships_the_adapters_and_merges_them_for_vllm(tmp_path):
         export_llm(model, folder)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--llm-out", "{folder}"], "error: --llm-out: '{folder}' is not empty; give a new folder"),
+    (["--out", "{file}/x.pth"], "error: --out: '{file}' is a file, so '{file}/x.pth' cannot be written"),
+])
+def test_export_checks_where_it_writes_before_the_model_loads(flags, message, tmp_path, monkeypatch, capsys, write_yaml):
+    from minigpt4.apps import export
+    from minigpt4.common.cli import run_main
+    from minigpt4.common.registry import registry
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    (tmp_path / "a_file").write_text("")
+    places = {"folder": tmp_path / "full", "file": tmp_path / "a_file"}
+    monkeypatch.setattr(registry, "get_model_class", lambda name: pytest.fail("the model was built first"))
+    cfg = write_yaml({"model": tiny_model_section()})
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: export.main(["--cfg-path", str(cfg), *[f.format(**places) for f in flags]]))
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == message.format(**places)
+
+
 def test_a_half_precision_export_loads_into_the_full_precision_model(tmp_path):
     """--dtype float16 (how the nano weights ship): half the file, and a model built from it in
     fp32 holds exactly the fp16 values and answers as the original does, within fp16 rounding."""
