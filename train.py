@@ -54,6 +54,9 @@ def resolve_resume(args: argparse.Namespace, output_dir: Path, job_id: str | Non
     if args.resume is None:
         return None, job_id
     if args.resume != "auto":
+        from minigpt4.common.cli import existing_file
+
+        existing_file("--resume", args.resume)  # before the model and the data are built
         return args.resume, job_id or Path(args.resume).resolve().parent.name
     folders = [output_dir / job_id] if job_id else [p for p in output_dir.glob("*") if p.is_dir()]
     found = [(c.stat().st_mtime, c) for f in folders if (c := find_latest_checkpoint(f))]

@@ -91,6 +91,25 @@ def checkpoint_position(path: Path) -> tuple[int, int] | None:
     return (epoch, int(iters)) if iters is not None else (epoch, 1 << 62)
 
 
+# Settings that name this process or this run's start, not what is trained.
+_RUN_IDENTITY = {"run.resume_ckpt_path", "run.job_id", "run.rank", "run.gpu", "run.distributed", "run.world_size", "run.dist_url", "run.dist_backend"}
+
+
+def changed_settings(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every setting of ``now`` that differs from ``before`` (nested keys as paths)."""
+    changes = []
+    for key in sorted(set(before) | set(now)):
+        path = f"{prefix}{key}"
+        old, new = before.get(key), now.get(key)
+        if path in _RUN_IDENTITY or old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_settings(old, new, f"{path}.")
+        else:
+            changes.append(f"{path}: {old!r} -> {new!r}")
+    return changes
+
+
 def find_latest_checkpoint(folder: Path) -> Path | None:
     """The most advanced complete checkpoint in ``folder`` (temp files of a killed save are ignored)."""
     found = [(pos, p) for p in Path(folder).glob("checkpoint_*.pth") if (pos := checkpoint_position(p))]
@@ -482,6 +501,9 @@ class RunnerBase:
                 f"{key}: '{path}' was written by {ckpt['world_size']} processes, this run has {self.dist.world_size}; "
                 "an exact resume needs the same number (or set model.ckpt to start from its weights)"
             )
+        changed = changed_settings(ckpt.get("config") or {}, self.config.to_dict())
+        if changed:
+            logger.warning("%s: '%s' was written with other settings; this run goes on with its own: %s", key, path, "; ".join(changed))
         iters = int(ckpt["iters"])
         self.start_epoch, self.start_iter = (epoch + 1, 0) if iters >= self.iters_per_epoch else (epoch, iters)
         self.train_loader.load_state_dict(ckpt["data_state"][self.dist.rank])

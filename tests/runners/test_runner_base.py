@@ -95,7 +95,18 @@ def test_a_new_run_does_not_write_over_an_earlier_runs_checkpoints(train, write_
     assert (tmp_path / "job" / "checkpoint_0.pth").read_bytes() == first  # untouched
     # Continuing a run that has ended says so, rather than training nothing without a word.
     runner = run(train, write_yaml, cfg, "--resume", "auto")
-    assert runner.history == [] and "is the end of the run (epoch 1 of 1): there is nothing left to train" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert runner.history == [] and "is the end of the run (epoch 1 of 1): there is nothing left to train" in err
+    assert "other settings" not in err  # the same config: nothing to say
+    # Resuming with other settings goes on with them, and says which they are.
+    run(train, write_yaml, {**cfg, "run": {**cfg["run"], "init_lr": 1e-3, "max_epoch": 2}}, "--resume", "auto")
+    changed = next(line for line in capsys.readouterr().err.splitlines() if "was written with other settings" in line)
+    assert changed.endswith("this run goes on with its own: run.init_lr: 0.01 -> 0.001; run.max_epoch: 1 -> 2"), changed
+    # A checkpoint named on the command line is looked for before anything is built.
+    from minigpt4.common.cli import ArgumentError
+
+    with pytest.raises(ArgumentError, match=r"--resume: no such file '.*nope\.pth'"):
+        run(train, write_yaml, cfg, "--resume", str(tmp_path / "nope.pth"))
 
 
 
