@@ -28,8 +28,8 @@ def open_image(
             width, height = probe.size
             if width * height > max_pixels:
                 raise ImageError(
-                    f"'{name}' is {width}x{height} = {width * height / 1e6:.0f} megapixels; "
-                    f"the limit is {max_pixels / 1e6:.0f} megapixels"
+                    f"'{name}' is {width}x{height} = {width * height / 1e6:.3g} megapixels; "
+                    f"the limit is {max_pixels / 1e6:.3g} megapixels"
                 )
             probe.verify()
         # verify() leaves the file unusable and misses truncated pixel data, so decode it for real.

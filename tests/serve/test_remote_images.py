@@ -144,3 +144,18 @@ def test_only_the_usual_formats_are_opened():
     assert Image.open(io.BytesIO(eps)).format == "EPS"  # Pillow would open it (and run Ghostscript to read it)
     url = "data:application/postscript;base64," + base64.b64encode(eps).decode()
     refused(url, 400, "invalid_image", "not one of PNG, JPEG, WEBP, GIF, BMP, TIFF")
+
+
+def test_the_operators_pixel_limit_holds_and_the_flag_is_checked():
+    from minigpt4.apps.serve.__main__ import check_args, parse_args
+    from minigpt4.common.cli import ArgumentError
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    assert load_image(url, ImageLimits(max_pixels=1024), "p").size == (32, 32)
+    with pytest.raises(APIError, match=r"'p' is 32x32 = 0.00102 megapixels; the limit is 0.001 megapixels"):
+        load_image(url, ImageLimits(max_pixels=1000), "p")
+    with pytest.raises(ArgumentError, match="--max-image-mp: must be positive, got 0.0"):
+        check_args(parse_args(["--max-image-mp", "0"]))
+    assert parse_args(["--max-image-mp", "4"]).max_image_mp == 4.0

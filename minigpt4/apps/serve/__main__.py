@@ -44,6 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     security.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
     security.add_argument("--max-images", type=int, default=8, help="images per request")
     security.add_argument("--max-body-mb", type=float, default=20.0, help="request body size; larger gets 413")
+    security.add_argument("--max-image-mp", type=float, default=50.0,
+                          help="largest image, in megapixels (decoded: 3 bytes a pixel, per image of every request in progress)")
     security.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public addresses only, no redirects)")
     security.add_argument("--remote-image-mb", type=float, default=10.0, help="largest remote image")
     security.add_argument("--remote-image-timeout", type=float, default=10.0, help="seconds to fetch a remote image")
@@ -64,7 +66,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--engine-url: expected an http(s) URL, got '{args.engine_url}'")
     if args.decode != "generate" and args.engine != "hf":
         raise ArgumentError(f"--decode {args.decode}: the hf engine's; the {args.engine} engine decodes on its server")
-    for flag in ("max_queue", "max_batch", "max_tokens", "max_images", "max_body_mb", "remote_image_mb", "remote_image_timeout"):
+    for flag in ("max_queue", "max_batch", "max_tokens", "max_images", "max_body_mb", "max_image_mp", "remote_image_mb", "remote_image_timeout"):
         if getattr(args, flag) <= 0:
             raise ArgumentError(f"--{flag.replace('_', '-')}: must be positive, got {getattr(args, flag)}")
     args.api_key = args.api_key or os.environ.get("MINIGPT4_API_KEY") or None
@@ -92,7 +94,10 @@ def serve(args: argparse.Namespace) -> None:
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_images=args.max_images,
         max_tokens=args.max_tokens,
-        images=ImageLimits(allow_remote=args.allow_remote_images, max_remote_bytes=int(args.remote_image_mb * 2**20), remote_timeout_s=args.remote_image_timeout),
+        images=ImageLimits(
+            max_pixels=int(args.max_image_mp * 1e6), allow_remote=args.allow_remote_images,
+            max_remote_bytes=int(args.remote_image_mb * 2**20), remote_timeout_s=args.remote_image_timeout,
+        ),
     )
     app = create_app(chat, settings)
     logger.info("serving %s (%s engine) on http://%s:%d/v1", settings.model_name, chat.engine.name, args.host, args.port)
