@@ -113,8 +113,11 @@ def load_chat(
 
 
 # ---- terminal chat ---------------------------------------------------------------------------
-def chat_loop(chat, images: Sequence[Path], questions: Iterable[str], out=sys.stdout, **generation: Any) -> None:
-    """Answer each question (one per line) about ``images``; ``/reset`` starts over, ``/quit`` ends."""
+def chat_loop(
+    chat, images: Sequence[Path], questions: Iterable[str], out=sys.stdout, interactive: bool | None = None, **generation: Any
+) -> None:
+    """Answer each question (one per line) about ``images``; ``/reset`` starts over, ``/quit`` ends.
+    ``interactive`` (default: whether stdin is a terminal): a greeting, and Ctrl-C stops an answer."""
     from minigpt4.common.cli import ArgumentError
     from minigpt4.conversation import ImageError
 
@@ -128,9 +131,10 @@ def chat_loop(chat, images: Sequence[Path], questions: Iterable[str], out=sys.st
         conv, img_list = start()
     except ImageError as err:
         raise ArgumentError(f"--image: {err}") from None
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin.isatty() if interactive is None else interactive
     if interactive:
-        out.write(f"{len(images)} image(s) loaded. Ask away (/reset to start over, /quit or Ctrl-D to leave).\n")
+        out.write(f"{len(images)} image(s) loaded. Ask away (/reset to start over, /quit or Ctrl-D to leave; "
+                  "Ctrl-C stops an answer).\n")
     for line in questions:
         question = line.strip()
         if not question:
@@ -141,15 +145,28 @@ def chat_loop(chat, images: Sequence[Path], questions: Iterable[str], out=sys.st
             conv, img_list = start()
             out.write("(conversation reset)\n")
             continue
+        before = [list(message) for message in conv.messages]
         chat.ask(question, conv)
         out.write("Assistant: ")
         shown = ""
-        for reply in chat.stream_answer(conv, img_list, **generation):
-            # The cleaned reply can shrink (a "#" that became the stop sign): print only growth.
-            if reply.startswith(shown):
-                out.write(reply[len(shown) :])
-                shown = reply
+        answer = chat.stream_answer(conv, img_list, **generation)
+        try:
+            for reply in answer:
+                # The cleaned reply can shrink (a "#" that became the stop sign): print only growth.
+                if reply.startswith(shown):
+                    out.write(reply[len(shown) :])
+                    shown = reply
+                out.flush()
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            # At a terminal, Ctrl-C stops this answer (the engine stops writing it) and forgets the
+            # question with it; Ctrl-C at the prompt, or Ctrl-D, leaves.
+            answer.close()
+            conv.messages[:] = before
+            out.write(" [stopped: the question is forgotten; ask again]\n")
             out.flush()
+            continue
         out.write("\n")
         out.flush()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,39 @@ def test_chat_over_a_pipe(tiny_cfg):
     answers = [line for line in run.stdout.splitlines() if line.startswith("Assistant: ")]
     assert len(answers) == 2, run.stdout
     assert "Traceback" not in run.stderr
+
+
+def test_ctrl_c_at_a_terminal_stops_the_answer_not_the_chat(caplog):
+    """Ctrl-C while an answer is printed (here: raised by the terminal's third write) stops that
+    answer, the engine stops writing it, the question is forgotten, and the chat goes on."""
+    import io
+    import logging
+
+    from minigpt4.chat import DEFAULT_CFG, chat_loop, load_chat
+    from minigpt4.datasets.datasets.synthetic_shapes import SyntheticShapesDataset
+
+    chat = load_chat(DEFAULT_CFG, reuse_kv_cache=False)
+    scene = SyntheticShapesDataset(lambda image: image, seed=5).scene(0)[1]
+
+    class Screen(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            Screen.writes += 1
+            if Screen.writes == 3:  # the greeting, "Assistant: ", then Ctrl-C at the answer's first piece
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    screen = Screen()
+    seen = []
+    ask = chat.ask
+    chat.ask = lambda text, conv: seen.append([list(m) for m in conv.messages]) or ask(text, conv)
+    with caplog.at_level(logging.INFO, logger="minigpt4.conversation.engines"):
+        chat_loop(chat, [scene], ["Describe this image.", "How many shapes are there?"], out=screen, interactive=True, max_new_tokens=40)
+    assert "[stopped: the question is forgotten; ask again]" in screen.getvalue()
+    assert "reader left after" in caplog.text  # the engine stopped writing the answer
+    assert seen[1] == seen[0]  # the second question is asked of the conversation before the first
+    assert screen.getvalue().rstrip().endswith(".") and screen.getvalue().count("Assistant: ") == 2
 
 
 def test_decode_static_answers_as_generate_over_a_pipe(write_yaml):
