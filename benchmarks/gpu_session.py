@@ -80,7 +80,7 @@ def steps(tiny: bool, out: Path, py: str) -> list[dict[str, Any]]:
     record = "chat_tiny.json" if tiny else "chat.json"
     small_train, train_record = (["--tiny", "--steps", "2", "--warmup", "1"], "train_tiny.json") if tiny else ([], "train.json")
     listed = [
-        dict(name="gpu_tests", cap=120, command=[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *GPU_TESTS,
+        dict(name="gpu_tests", cap=120, command=[py, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", "-m", "gpu", *GPU_TESTS,
                                                  f"--junitxml={out / 'gpu_tests.xml'}"]),
         # fp16 as a whole: the reference, default and compile modes, the static loop, and captioning
         # (the reference's one image at a time, answer_batch, and the loop's batch of 16).
@@ -106,6 +106,9 @@ class Session:
         self.out, self.deadline, self.start = out, time.monotonic() + budget_s, time.monotonic()
         self.log = (out / "session.log").open("a", buffering=1)
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Nothing is fetched there: no Hub lookups, and no Hub kernels (transformers' default on a GPU).
+        self.env.setdefault("HF_HUB_OFFLINE", "1")
+        self.env.setdefault("USE_HUB_KERNELS", "0")
         self.env.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="minigpt4-inductor-"))
         self.results: list[dict[str, Any]] = []
 
@@ -201,11 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     session = Session(out, args.budget)
     summary: dict[str, Any] = {"budget_s": args.budget, "tiny": args.tiny, "steps": session.results}
 
-    def finish(rc: int) -> int:
+    def save() -> None:
+        """session.json as it stands: after every step, so a call cut short keeps what was done."""
         summary["seconds"] = round(time.monotonic() - session.start, 1)
         summary["failed"] = [r["step"] for r in session.results if r.get("rc") not in (0, None) or r.get("timed_out")]
         summary["skipped"] = [r["step"] for r in session.results if "skipped" in r]
         (out / "session.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def finish(rc: int) -> int:
+        save()
         session.say(f"session: {summary['seconds']} s; failed: {', '.join(summary['failed']) or 'none'}; "
                     f"skipped: {', '.join(summary['skipped']) or 'none'}")
         for name, figures in summary.get("headlines", {}).items():
@@ -239,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         record = out / step["name"] / step["record"] if step.get("record") else None
         if record is not None and record.is_file():
             result["record"] = str(record.relative_to(out))
-            summary["headlines"][step["name"]] = headline(step["name"], json.loads(record.read_text()))
+            try:
+                summary["headlines"][step["name"]] = headline(step["name"], json.loads(record.read_text()))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:  # the record itself came back
+                summary["headlines"][step["name"]] = {"unreadable": f"{type(err).__name__}: {err}"}
+        save()
     return finish(0)
 
 

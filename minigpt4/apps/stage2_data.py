@@ -198,7 +198,7 @@ class Polisher:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
             dtype = "auto" if self.device.type == "cuda" else torch.float32
-            self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(self.device).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_kernels=False).to(self.device).eval()
         except (OSError, ValueError) as err:
             raise SystemExit(f"--polish-model: cannot load a causal LM from '{path}' ({err})") from None
         if self.tokenizer.pad_token is None:

@@ -148,7 +148,7 @@ def gguf_to_hf_folder(path: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     _check_room(target.parent, gguf, need=8 * gguf.stat().st_size)
     logger.info("converting %s to an HF folder at %s (once)", gguf, target)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, use_kernels=False)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # save_pretrained refuses a model still marked as GGUF-quantized; its weights are plain
     # fp32 tensors by now, so drop the marker.
@@ -206,7 +206,10 @@ def load_llm(cfg: Any, load_weights: bool = True) -> Any:
     cfg = model_config(cfg)
     source = _check_source(cfg.llama_model)
     dtype = DTYPES[cfg.torch_dtype]
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    # use_kernels=False: transformers would otherwise swap layers for kernels it fetches from the Hub
+    # on a GPU (and again on every .train()): a download this package never makes (offline it fails),
+    # and other code than the LLM's own.
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation, "use_kernels": False}
     quantized = cfg.low_resource or cfg.load_in_4bit
     if quantized:
         if not torch.cuda.is_available():

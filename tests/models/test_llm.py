@@ -82,6 +82,16 @@ def test_missing_gguf_file(tmp_path):
         llm.load_llm({"llama_model": str(tmp_path / "model.gguf")})
 
 
+def test_the_llm_runs_its_own_layers_never_hub_kernels(tiny_models):
+    """transformers would swap layers for kernels fetched from the Hub on a GPU (a download, and other
+    code than the LLM's); the LLM is loaded without them, and training does not bring them back."""
+    model = tiny_models["vicuna0"].llama_model
+    assert model.use_kernels is False
+    model.train()
+    assert model.use_kernels is False
+    model.eval()
+
+
 def test_pad_token_defaults_to_the_originals_unk_padding(sp_llama_dir):
     tok = llm.load_llm_tokenizer(str(sp_llama_dir), "$$")
     assert tok.pad_token == "$$" and tok.pad_token_id == tok.unk_token_id == 0
