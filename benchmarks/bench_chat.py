@@ -51,7 +51,9 @@ reported as its median with its spread (``min_s``, ``p25_s``, ``median_s``, ``p7
   tokens every ``--steps-per-sync`` steps. Its stop table is Chat's, shifted past the vocabulary:
   the check costs what it costs in a chat, and the random model is never cut short. Decode
   tokens/s and TTFT as above (a token counts when its chunk reaches the host), next to the
-  ``generate`` rate of the same model in the same process; the first call compiles (``warmup_s``).
+  ``generate`` rate of the same model in the same process; the first two calls compile and
+  capture (``warmup_s``). Every call of the loop here uses one cache size (see
+  ``run_static_decode``).
   Then ``greedy_vs_generate``: the loop's greedy tokens against ``generate``'s on the same context
   over ``--greedy-check-tokens`` (200), whether they are the same and where they first differ.
   With captioning on, ``static_decode.captioning``: the captioning images below in one
@@ -402,9 +404,14 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
     loop = functools.partial(decode, stop=stops, steps_per_sync=args.steps_per_sync, compile=compiled)
     streamed = functools.partial(stream_decode, stop=stops, steps_per_sync=args.steps_per_sync, compile=compiled)
 
-    # One cache for both turns (as a chat sized by its max_length): turn 2 finds turn 1's positions
-    # in the cache it decodes with, and each turn replays the graph captured for that size.
-    positions = cache_length(embeds.shape[1] + 2 * n + 64)
+    # One cache size for every call below (turn 1, turn 2, the greedy check, the profile): turn 2
+    # finds turn 1's positions in the cache it decodes with, and every call replays the graphs
+    # captured once for that size. (A chat's engine sizes its cache by each turn's context and
+    # max_new_tokens, a power of two, and meets a larger size as the conversation grows: each new
+    # size is one more compilation, which a benchmark bounded in time cannot afford at 7B. The
+    # size here is the larger of turn 1's and turn 2's: turn 1 attends over more unfilled
+    # positions than its own bucket would have, so its rate is, if anything, understated.)
+    positions = cache_length(embeds.shape[1] + max(2 * n + 64, args.greedy_check_tokens, args.profile_tokens))
 
     def decode_with(context: torch.Tensor, tokens: int) -> list[int]:
         with model.maybe_autocast(model.autocast_dtype):
@@ -416,14 +423,18 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
         common.synchronize(chat.device)
         start = time.perf_counter()
         with model.maybe_autocast(model.autocast_dtype):
-            ids = loop(llm, embeds, n, on_tokens=lambda chunk: arrivals.append(time.perf_counter()))
+            ids = loop(llm, embeds, n, cache_positions=positions, on_tokens=lambda chunk: arrivals.append(time.perf_counter()))
         if len(ids) != n:
             raise RuntimeError(f"the static decode wrote {len(ids)} tokens, not {n}: something stopped it early")
         # The first chunk is the prefill's token alone; the rest arrive steps_per_sync at a time.
         return {"ttft_s": arrivals[0] - start, "decode_tokens_per_s": (n - 1) / (arrivals[-1] - arrivals[0])}
 
     start = time.perf_counter()
-    once()  # compiles and captures the step for this cache size
+    # The first call compiles the step and the padded prefill for this cache size; a captured
+    # graph is recorded on a later call than the one that compiled it (cudagraph trees warm up
+    # first), so the second call records the prefill's: the timed calls replay both.
+    once()
+    once()
     warmup_s = time.perf_counter() - start
     runs = [once() for _ in range(args.repeats)]
 
@@ -447,11 +458,12 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
             chunks.close()
         return ttft
 
-    turn2_once()
+    turn2_once()  # compiles turn 2's padded prefill (another padded length than turn 1's)
+    turn2_once()  # records its graph
     ttft2 = [turn2_once() for _ in range(args.repeats)]
     prefilled = turn2.shape[1] - decode_module._buffers[llm].reused
     forget(llm)
-    check = greedy_vs_generate(args, chat, embeds, loop)
+    check = greedy_vs_generate(args, chat, embeds, functools.partial(loop, cache_positions=positions))
     profiles = None
     if args.profile_tokens:
         k = args.profile_tokens
@@ -598,7 +610,10 @@ def run_static_captioning(args, chat: Chat, batched_images_per_s: float | None) 
     }
 
 
-def run_mode(args, mode: str, quant: str, llm_folder: Path, weights_folder, device: torch.device, bandwidth: float | None) -> dict[str, Any]:
+def run_mode(args, mode: str, quant: str, llm_folder: Path, weights_folder, device: torch.device, bandwidth: float | None,
+             progress: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
+    """One mode's record; ``progress`` receives it as it grows (the chat, then the static loop, then
+    captioning), so that a run cut short keeps the parts already measured."""
     # The fp16 folder the quantized models load from is written first: its own peak and time are
     # the benchmark's, not the load's.
     folder = llm_folder if quant == "none" else weights_folder()
@@ -633,6 +648,7 @@ def run_mode(args, mode: str, quant: str, llm_folder: Path, weights_folder, devi
         decode_limit_tokens_per_s=limit,
         decode_fraction_of_limit=record["decode_tokens_per_s"] / limit if limit else None,
     )
+    progress(record)
     if args.decode == "static" and quant == "none" and mode == "default":
         logger.info("%s, %s: the static decode loop", quant, mode)
         static = run_static_decode(args, chat, image)
@@ -641,9 +657,11 @@ def run_mode(args, mode: str, quant: str, llm_folder: Path, weights_folder, devi
             vs_generate=common.ratio(static["decode_tokens_per_s"], record["decode_tokens_per_s"]),
         )
         record["static_decode"] = static
+        progress(record)
     if quant == "none" and mode in ("reference", "default") and args.caption_images:
         logger.info("%s, %s: captioning %d images", quant, mode, args.caption_images)
         record["captioning"] = run_captioning(args, chat, mode, words)
+        progress(record)
         if "static_decode" in record:
             logger.info("%s, %s: captioning %d images with the static decode loop", quant, mode, args.caption_images)
             batched = record["captioning"]["images_per_s"]["batched"]
@@ -846,6 +864,40 @@ def main(argv: list[str] | None = None) -> None:
         return saved["folder"]
 
     runs: dict[str, dict[str, Any]] = {}
+    settings = {
+        "tiny": args.tiny, "modes": modes, "quant": args.quant, "decode_tokens": args.decode_tokens,
+        "repeats": args.repeats, "caption_images": args.caption_images, "caption_tokens": args.caption_tokens,
+        "caption_repeats": args.caption_repeats,
+        "max_length": args.max_length, "decode": args.decode, "steps_per_sync": args.steps_per_sync,
+        "greedy_check_tokens": args.greedy_check_tokens, "profile_tokens": args.profile_tokens, "profile_turn2": args.profile_turn2,
+        "template": "pretrain_vicuna0", "questions": [QUESTION_1, QUESTION_2],
+    }
+    name = "chat_tiny" if args.tiny else "chat"
+
+    def record(finished: bool) -> dict[str, Any]:
+        ratios = {quant: ratios_of(modes_run) for quant, modes_run in runs.items()}
+        captioning = captioning_of(runs, args.caption_images)
+        return {
+            "benchmark": "chat",
+            # False while modes are still to run: a run cut short (a time limit) keeps what it measured.
+            "finished": finished,
+            "environment": common.environment(device),
+            "settings": settings,
+            "shapes": {
+                "llm": common.LLAMA_TINY if args.tiny else common.LLAMA_7B,
+                "vit": common.TINY_VIT if args.tiny else "eva_vit_g (depth 39, width 1408)",
+                "qformer": common.TINY_QFORMER if args.tiny else "bert-base (12 layers, 768)",
+                "image_size": 32 if args.tiny else 224,
+            },
+            "copy_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
+            "save_fp16_llm_s": saved.get("save_s"),
+            "runs": runs,
+            "ratios": ratios,
+            "captioning": captioning,
+            "goals": goals_of(runs, ratios, captioning),
+            "total_s": time.perf_counter() - started,
+        }
+
     try:
         llm_folder = common.write_llm_folder(work / "llm", tiny=args.tiny)
         for quant in args.quant:
@@ -857,44 +909,25 @@ def main(argv: list[str] | None = None) -> None:
                 if reason:
                     runs[quant][mode] = {"skipped": reason}
                     continue
+                def progress(partial: dict[str, Any], quant: str = quant, mode: str = mode) -> None:
+                    runs[quant][mode] = {**partial, "unfinished": True}
+                    common.save_results(name, record(finished=False), args.out)
+
                 try:
-                    runs[quant][mode] = run_mode(args, mode, quant, llm_folder, weights_folder, device, bandwidth)
+                    runs[quant][mode] = run_mode(args, mode, quant, llm_folder, weights_folder, device, bandwidth, progress)
                 except Exception as err:  # a failed precision must not lose the others' numbers
                     logger.exception("%s, %s failed", quant, mode)
-                    runs[quant][mode] = {"error": f"{type(err).__name__}: {err}"}
+                    # What this mode measured before the error stays, next to the error.
+                    kept = {k: v for k, v in runs[quant].get(mode, {}).items() if k != "unfinished"}
+                    runs[quant][mode] = {**kept, "error": f"{type(err).__name__}: {err}"}
                 common.free_memory()
+                common.save_results(name, record(finished=False), args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    ratios = {quant: ratios_of(modes_run) for quant, modes_run in runs.items()}
-    captioning = captioning_of(runs, args.caption_images)
-    goals = goals_of(runs, ratios, captioning)
-    payload = {
-        "benchmark": "chat",
-        "environment": common.environment(device),
-        "settings": {
-            "tiny": args.tiny, "modes": modes, "quant": args.quant, "decode_tokens": args.decode_tokens,
-            "repeats": args.repeats, "caption_images": args.caption_images, "caption_tokens": args.caption_tokens,
-            "caption_repeats": args.caption_repeats,
-            "max_length": args.max_length, "decode": args.decode, "steps_per_sync": args.steps_per_sync,
-            "greedy_check_tokens": args.greedy_check_tokens, "profile_tokens": args.profile_tokens, "profile_turn2": args.profile_turn2,
-            "template": "pretrain_vicuna0", "questions": [QUESTION_1, QUESTION_2],
-        },
-        "shapes": {
-            "llm": common.LLAMA_TINY if args.tiny else common.LLAMA_7B,
-            "vit": common.TINY_VIT if args.tiny else "eva_vit_g (depth 39, width 1408)",
-            "qformer": common.TINY_QFORMER if args.tiny else "bert-base (12 layers, 768)",
-            "image_size": 32 if args.tiny else 224,
-        },
-        "copy_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
-        "save_fp16_llm_s": saved.get("save_s"),
-        "runs": runs,
-        "ratios": ratios,
-        "captioning": captioning,
-        "goals": goals,
-        "total_s": time.perf_counter() - started,
-    }
-    path = common.save_results("chat_tiny" if args.tiny else "chat", payload, args.out)
+    payload = record(finished=True)
+    ratios, captioning, goals = payload["ratios"], payload["captioning"], payload["goals"]
+    path = common.save_results(name, payload, args.out)
     print(f"results: {path}")
     print(table(runs, ratios, captioning, goals, args.repeats))
 

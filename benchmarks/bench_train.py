@@ -75,7 +75,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the LLM folder is written here; never reach the hub
 
@@ -333,7 +333,9 @@ def feature_cache(model, stage: Stage, batches: list[dict[str, Any]], use_amp: b
 
 
 # ---- stages and the record ----------------------------------------------------------------------
-def run_stage(number: int, args, llm_folder: Path, peak_tflops: float | None) -> dict[str, Any]:
+def run_stage(number: int, args, llm_folder: Path, peak_tflops: float | None,
+              progress: Callable[[dict[str, Any]], None] = lambda stage: None) -> dict[str, Any]:
+    """The stage's record; ``progress`` receives it after each mode (a run cut short keeps those)."""
     stage = load_stage(number)
     keys = dict(stage.model)
     if keys["prompt_path"]:
@@ -354,6 +356,11 @@ def run_stage(number: int, args, llm_folder: Path, peak_tflops: float | None) ->
             logger.exception("stage %d, %s failed", number, name)
             modes[name] = {"error": f"{type(err).__name__}: {err}"[:500]}
         common.free_memory()
+        progress(stage_record(number, stage, section, modes, args))
+    return stage_record(number, stage, section, modes, args)
+
+
+def stage_record(number: int, stage, section: dict[str, Any], modes: dict[str, Any], args) -> dict[str, Any]:
     base = modes.get("reference", {}).get("samples_per_s")
     shapes = {
         "batch_size": stage.batch_size,
@@ -367,7 +374,7 @@ def run_stage(number: int, args, llm_folder: Path, peak_tflops: float | None) ->
     return {
         "shapes": shapes,
         "optimizer": {"init_lr": stage.init_lr, "weight_decay": stage.weight_decay, "beta2": stage.beta2},
-        "modes": modes,
+        "modes": dict(modes),
         "ratios": {name: common.ratio(m.get("samples_per_s"), base) for name, m in modes.items() if name != "reference"},
         "goal": GOALS[number],
     }
@@ -413,17 +420,29 @@ def main(argv: list[str] | None = None) -> int:
 
     peak = common.matmul_peak_tflops(device)
     numbers = [1, 2] if args.stage == "all" else [int(args.stage)]
+    name = "train_tiny" if args.tiny else "train"
+    stages: dict[str, dict[str, Any]] = {}
+
+    def record(finished: bool) -> dict[str, Any]:
+        return {
+            "benchmark": "train",
+            # False while modes are still to run: a run cut short (a time limit) keeps what it measured.
+            "finished": finished,
+            "environment": common.environment(device),
+            "matmul_peak_tflops": peak,
+            "settings": {"steps": args.steps, "warmup": args.warmup, "seed": args.seed, "tiny": args.tiny},
+            "stages": stages,
+        }
+
     with tempfile.TemporaryDirectory(prefix="bench-train-llm-") as tmp:
         llm_folder = common.write_llm_folder(tmp, tiny=args.tiny)
-        stages = {f"stage{k}": run_stage(k, args, llm_folder, peak) for k in numbers}
-    payload = {
-        "benchmark": "train",
-        "environment": common.environment(device),
-        "matmul_peak_tflops": peak,
-        "settings": {"steps": args.steps, "warmup": args.warmup, "seed": args.seed, "tiny": args.tiny},
-        "stages": stages,
-    }
-    path = common.save_results("train_tiny" if args.tiny else "train", payload, args.out)
+        for k in numbers:
+            def progress(partial: dict[str, Any], key: str = f"stage{k}") -> None:
+                stages[key] = partial
+                common.save_results(name, record(finished=False), args.out)
+
+            stages[f"stage{k}"] = run_stage(k, args, llm_folder, peak, progress)
+    path = common.save_results(name, record(finished=True), args.out)
     print(f"results: {path}")
     print(table(stages))
     return int(any("error" in m for stage in stages.values() for m in stage["modes"].values()))

@@ -240,11 +240,16 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, dtype: torch.dtype =
 
 
 def save_results(name: str, payload: dict[str, Any], out: str | os.PathLike | None = None) -> Path:
-    """Write ``payload`` as ``<out or benchmarks/results>/<name>.json`` and return the path."""
+    """Write ``payload`` as ``<out or benchmarks/results>/<name>.json`` and return the path.
+
+    The file is replaced whole (written beside it, then renamed): a benchmark that saves as it goes
+    and is killed mid-write leaves the last complete record, never half of one."""
     folder = Path(out) if out else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    draft = path.with_name(f".{path.name}.partial")
+    draft.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    draft.replace(path)
     return path
 
 

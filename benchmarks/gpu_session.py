@@ -169,10 +169,13 @@ def stop(group: int, sig: int) -> None:
 
 def headline(name: str, record: dict[str, Any]) -> dict[str, Any]:
     """The figures a closing note needs from a step's record."""
+    # finished: False when the step was stopped (its time limit) after saving some of its parts.
     if name.startswith("train"):
-        return {stage: {"ratios": figures.get("ratios"), "goal": figures.get("goal")} for stage, figures in record.get("stages", {}).items()}
+        stages = {stage: {"ratios": figures.get("ratios"), "goal": figures.get("goal")} for stage, figures in record.get("stages", {}).items()}
+        return {"finished": record.get("finished"), **stages}
     fp16 = record.get("runs", {}).get("none", {})
-    figures: dict[str, Any] = {"goals": record.get("goals"), "copy_bandwidth_gb_s": record.get("copy_bandwidth_gb_s")}
+    figures: dict[str, Any] = {"finished": record.get("finished"), "goals": record.get("goals"),
+                               "copy_bandwidth_gb_s": record.get("copy_bandwidth_gb_s")}
     static = fp16.get("default", {}).get("static_decode")
     if static:
         figures["static_decode"] = {k: static.get(k) for k in ("decode_tokens_per_s", "decode_fraction_of_limit", "vs_generate",

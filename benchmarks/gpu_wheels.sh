@@ -6,7 +6,8 @@
 # The machine fetches nothing. Its image has Python 3.12, torch 2.11, transformers 5.17 and
 # huggingface_hub 1.33, timm, peft, accelerate, sentencepiece and pytest (the device tool's
 # KINDS.md lists them). It lacks what this list brings: the transformers we need (>= 5.24, with
-# the huggingface_hub it needs), OmegaConf, gguf, webdataset and bitsandbytes. The versions are
+# the huggingface_hub it needs), OmegaConf, gguf, webdataset and bitsandbytes, and regex: importing
+# transformers 5.25 checks for regex >= 2025.10.22, and the image's version is not listed. The versions are
 # the ones this project's tests run with. bitsandbytes ships a library for every CUDA and ROCm
 # version (43 MB); only the CUDA 13 ones are kept (the machine's torch is built for CUDA 13.0),
 # so that the wheels and the working tree stay under the 64 MiB a call may carry.
@@ -22,7 +23,7 @@ rm -f "$folder"/*.whl
 wheels=(
     transformers==5.25.0 huggingface_hub==2.5.0 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5
     kernels==0.19.1 tomlkit==0.14.0 omegaconf==2.4.0 gguf==0.19.0 webdataset==1.0.2 braceexpand==0.1.7
-    bitsandbytes==0.50.2
+    bitsandbytes==0.50.2 regex==2026.12.2
 )
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do

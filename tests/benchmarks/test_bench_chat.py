@@ -198,3 +198,37 @@ def test_profile_turn2_profiles_one_more_turn_2_in_each_mode(static_run, run):
     assert profiled["units"] == 1 and finite(profiled["wall_ms_per_unit"]) and profiled["top_host_ops"]
     assert line(lines, "profile, turn 2, none default (1 token): ")
     assert run[0]["runs"]["none"]["default"]["turn2_profile"] is None  # only when asked for
+
+
+def test_a_run_killed_midway_keeps_what_it_measured(tmp_path):
+    """A GPU session stops a benchmark at its time limit: the record is saved as each part ends
+    (whole files only), so the parts already measured come back, marked unfinished."""
+    import signal
+    import time
+
+    cmd = [
+        sys.executable, "benchmarks/bench_chat.py", "--tiny", "--quant", "none", "--decode-tokens", "8", "--repeats", "2",
+        "--decode", "static", "--greedy-check-tokens", "24", "--caption-images", "3", "--caption-tokens", "4",
+        "--caption-repeats", "1", "--profile-tokens", "8", "--out", str(tmp_path),
+    ]
+    child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    path, deadline = tmp_path / "chat_tiny.json", time.monotonic() + 240
+    try:
+        while not path.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert path.exists(), child.stderr.read()[-3000:] if child.poll() is not None else "no record within 240 s"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    record = json.loads(path.read_text())
+    assert record["finished"] is False  # the static loop and the default mode were still to come
+    reference = record["runs"]["none"]["reference"]
+    assert reference["ttft_turn2_s"]["median_s"] > 0 and reference["decode_tokens_per_s"] > 0
+    assert record["settings"]["decode"] == "static" and "default" not in record["ratios"].get("none", {})
+    assert child.returncode == -signal.SIGKILL  # killed, not finished
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["chat_tiny.json"]
+
+
+def test_a_finished_run_says_so(run):
+    record, _ = run
+    assert record["finished"] is True and "unfinished" not in record["runs"]["none"]["default"]

@@ -53,3 +53,7 @@ def test_shapes_follow_the_original_train_configs(record):
     assert (stage2["batch_size"], stage2["max_txt_len"], stage2["end_sym"]) == (12, 160, "###")
     assert stage2["prompt_template"] == "###Human: {} ###Assistant: "
     assert record["environment"]["torch"]
+
+
+def test_a_finished_run_says_so(record):
+    assert record["finished"] is True

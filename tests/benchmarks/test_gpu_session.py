@@ -142,5 +142,6 @@ def test_the_whole_session_at_tiny_shapes(tmp_path):
     assert heads["static_decode"]["static_decode"]["profile"]["static"]["units"] == 8
     goals = heads["static_decode"]["goals"]
     assert goals["captioning_batch_speedup"]["value"] > 0 and goals["static_captioning_vs_answer_batch"]["value"] > 0
-    assert set(heads["train_stage1"]) == {"stage1"} and set(heads["train_stage1"]["stage1"]["ratios"]) == {"default+packed+compile"}
+    assert all(heads[step]["finished"] is True for step in ("static_decode", "train_stage1", "train_stage2"))
+    assert set(heads["train_stage1"]) == {"finished", "stage1"} and set(heads["train_stage1"]["stage1"]["ratios"]) == {"default+packed+compile"}
     assert set(heads["train_stage2"]["stage2"]["ratios"]) == {"default+cache+packed+compile"}
