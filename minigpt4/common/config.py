@@ -185,16 +185,25 @@ def _check_values(section: str, cfg: DictConfig) -> None:
     for key in POSITIVE.get(section, ()):
         if cfg[key] is not None and cfg[key] < 1:
             raise ConfigError(f"{section}.{key}: must be at least 1, got {cfg[key]}")
-    if section == "run" and cfg.num_workers < 0:
+    if section != "run":
+        return
+    if cfg.num_workers < 0:
         raise ConfigError(f"run.num_workers: must be 0 (load in the training process) or more, got {cfg.num_workers}")
-    if section == "run":
-        try:
-            torch.device(cfg.device)
-        except RuntimeError:
-            raise ConfigError(f"run.device: '{cfg.device}' is not a device (e.g. cuda, cuda:1, cpu)") from None
-    if section == "run" and cfg.save_every_iters and cfg.save_every_iters % cfg.accum_grad_iters:
+    try:
+        torch.device(cfg.device)
+    except RuntimeError:
+        raise ConfigError(f"run.device: '{cfg.device}' is not a device (e.g. cuda, cuda:1, cpu)") from None
+    if cfg.save_every_iters and cfg.save_every_iters % cfg.accum_grad_iters:
         # a checkpoint between the micro-steps of one optimizer step could not resume exactly
         raise ConfigError(f"run.save_every_iters: {cfg.save_every_iters} must be a multiple of run.accum_grad_iters ({cfg.accum_grad_iters})")
+
+
+def _mapping(where: str, value: Any, in_file: str | None = None) -> None:
+    """Refuse a config value that should be a section of keys (a mapping) but is not."""
+    if not isinstance(value, DictConfig):
+        shown = OmegaConf.to_yaml(value).strip()[:80] if OmegaConf.is_config(value) else value
+        place = f" in '{in_file}'" if in_file else ""
+        raise ConfigError(f"{where}: must be a mapping of keys to values{place}, got {shown!r}")
 
 
 def model_config(values: Any) -> DictConfig:
@@ -280,8 +289,7 @@ def _check_dataset_keys(name: str, section: DictConfig, defaults: DictConfig) ->
     info, known = section.get("build_info"), defaults.get("build_info") or {}
     if info is None:
         return
-    if not isinstance(info, DictConfig):
-        raise ConfigError(f"datasets.{name}.build_info: must be a mapping of keys to values, got {info!r}")
+    _mapping(f"datasets.{name}.build_info", info)
     for key in info:
         if key not in known:
             raise ConfigError(f"datasets.{name}.build_info.{key}: unknown key (known keys: {', '.join(known)})")
@@ -304,8 +312,8 @@ class Config:
         for name in list(user):
             if user[name] is None:  # a section whose keys are all commented out
                 user[name] = {}
-            elif not isinstance(user[name], DictConfig):
-                raise ConfigError(f"{name}: must be a mapping of keys to values in '{cfg_path}', got {OmegaConf.to_yaml(user[name]).strip()[:80]!r}")
+            else:
+                _mapping(name, user[name], in_file=cfg_path)
 
         env = _load_yaml(Path(registry.get_path("library_root")) / "configs" / "default.yaml", "configs/default.yaml")
         model, preprocess, generation = self._build_model_config(user)
@@ -365,8 +373,7 @@ class Config:
             except RegistryError as err:
                 raise ConfigError(f"datasets.{name}: {err}") from None
             section = OmegaConf.create() if section is None else section
-            if not isinstance(section, DictConfig):
-                raise ConfigError(f"datasets.{name}: must be a mapping of keys to values, got {section!r}")
+            _mapping(f"datasets.{name}", section)
             config_type = section.get("type", "default")
             try:
                 path = builder_cls.default_config_path(config_type)
