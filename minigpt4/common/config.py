@@ -194,7 +194,7 @@ def _check_values(section: str, cfg: DictConfig) -> None:
     except RuntimeError:
         raise ConfigError(f"run.device: '{cfg.device}' is not a device (e.g. cuda, cuda:1, cpu)") from None
     if cfg.save_every_iters and cfg.save_every_iters % cfg.accum_grad_iters:
-        # a checkpoint between the micro-steps of one optimizer step could not resume exactly
+        # checkpoints at optimizer steps, where no gradient is pending (an epoch of another length still ends between two)
         raise ConfigError(f"run.save_every_iters: {cfg.save_every_iters} must be a multiple of run.accum_grad_iters ({cfg.accum_grad_iters})")
 
 

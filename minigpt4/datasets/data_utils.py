@@ -33,6 +33,9 @@ from minigpt4.common.feature_cache import image_key
 
 logger = logging.getLogger(__name__)
 
+# A shard stream refuses its data after this many unusable samples in a row (at least ten batches).
+BROKEN_IN_A_ROW = 1000
+
 
 class SampleError(Exception):
     """One sample that cannot be used (undecodable image, missing field); it is skipped."""
@@ -148,6 +151,9 @@ class BatchStream(IterableDataset):
         for _ in range(skip):  # replay without decoding to reach the saved position
             next(stream)
             raw_count += 1
+        # Broken samples in a row: past this many, the data (not a sample) is wrong, e.g. every
+        # caption under another key: an error, not an endless stream of warnings.
+        in_a_row, most = 0, max(BROKEN_IN_A_ROW, 10 * self.batch_size)
         while True:
             samples, broken = [], 0
             while len(samples) < self.batch_size:
@@ -156,9 +162,13 @@ class BatchStream(IterableDataset):
                 raw_count += 1
                 try:
                     samples.append(self.dataset.process(raw, seed))
+                    in_a_row = 0
                 except SampleError as err:
                     broken += 1
+                    in_a_row += 1
                     logger.warning("skipping broken sample: %s", err)
+                    if in_a_row >= most:
+                        raise DatasetError(f"{self.dataset.location}: the last {in_a_row} samples could not be used; the last: {err}") from None
             batch = self._collate(samples)
             batch["_meta"] = {"broken": broken, "worker": worker, "raw": raw_count}
             yield batch
@@ -253,11 +263,14 @@ class MultiIterLoader:
     ``t`` to be replayed.
     """
 
-    def __init__(self, loaders: Sequence[ResumableLoader], ratios: Sequence[float] | None = None, seed: int = 0, rank: int = 0):
+    def __init__(self, loaders: Sequence[ResumableLoader], ratios: Sequence[float] | None = None, seed: int = 0, rank: int = 0,
+                 names: Sequence[str] | None = None):
         ratios = list(ratios) if ratios is not None else [1.0] * len(loaders)
         if len(ratios) != len(loaders) or any(r <= 0 for r in ratios):
             raise DatasetError(f"sample_ratio: need one positive ratio per dataset, got {ratios}")
         self.loaders = list(loaders)
+        # The datasets' names in the config's order: a draw picks by position, so a resume needs the same order.
+        self.names = list(names) if names is not None else [str(i) for i in range(len(loaders))]
         self.ratios = ratios
         self.seed = seed
         self.rank = rank
@@ -277,11 +290,17 @@ class MultiIterLoader:
         return sum(loader.broken for loader in self.loaders)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "loaders": [loader.state_dict() for loader in self.loaders]}
+        return {"step": self.step, "names": self.names, "loaders": [loader.state_dict() for loader in self.loaders]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if len(state["loaders"]) != len(self.loaders):
             raise DatasetError(f"datasets: the checkpoint mixed {len(state['loaders'])} datasets, this config has {len(self.loaders)}")
+        saved = state.get("names")  # checkpoints before the names were kept: by position, as written
+        if saved is not None and list(saved) != self.names:
+            raise DatasetError(
+                f"datasets: the checkpoint mixed {', '.join(saved)} in this order, this config lists {', '.join(self.names)}; "
+                "an exact resume needs the checkpoint's datasets in its order"
+            )
         self.step = int(state["step"])
         for loader, sub in zip(self.loaders, state["loaders"]):
             loader.load_state_dict(sub)

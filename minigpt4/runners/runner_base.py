@@ -233,7 +233,7 @@ class RunnerBase:
                                  image_keys=self.feature_cache_dir is not None)
             loaders.append(ResumableLoader(stream, num_workers, pin_memory=self.device.type == "cuda"))
             ratios.append(float(dataset_cfg.get("sample_ratio", 1)))
-        return MultiIterLoader(loaders, ratios, seed=int(self.run_cfg.seed), rank=self.dist.rank)
+        return MultiIterLoader(loaders, ratios, seed=int(self.run_cfg.seed), rank=self.dist.rank, names=list(self.datasets))
 
     @staticmethod
     def _require(model: nn.Module, method: str, key: str) -> None:
@@ -439,9 +439,15 @@ class RunnerBase:
         """
         data_state = dist_utils.all_gather_object(self.train_loader.state_dict())
         rng_state = dist_utils.all_gather_object(_rng_state())
+        model = self.unwrap_model()
+        # Gradients accumulated since the last optimizer step: an epoch whose length is not a
+        # multiple of run.accum_grad_iters carries them into the next (as the original does), and
+        # a checkpoint may fall there. Each rank's own (DDP sums them at the step), on the CPU.
+        pending = dist_utils.all_gather_object(
+            {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        )
         if not dist_utils.is_main_process():
             return None
-        model = self.unwrap_model()
         end_of_epoch = iters_done >= self.iters_per_epoch
         path = self.output_dir / (f"checkpoint_{epoch}.pth" if end_of_epoch else f"checkpoint_{epoch}_iter{iters_done}.pth")
         state = {
@@ -456,6 +462,7 @@ class RunnerBase:
             "world_size": self.dist.world_size,
             "data_state": data_state,
             "rng_state": rng_state,
+            "pending_grads": pending,
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda tmp: torch.save(state, tmp))  # --resume auto after a kill sees the old or the new file, never half
@@ -508,4 +515,7 @@ class RunnerBase:
         self.start_epoch, self.start_iter = (epoch + 1, 0) if iters >= self.iters_per_epoch else (epoch, iters)
         self.train_loader.load_state_dict(ckpt["data_state"][self.dist.rank])
         self._rng_to_restore = ckpt["rng_state"][self.dist.rank]
+        params = dict(model.named_parameters())
+        for name, grad in (ckpt.get("pending_grads") or [{}] * self.dist.world_size)[self.dist.rank].items():
+            params[name].grad = grad.to(device=params[name].device, dtype=params[name].dtype)
         logger.info("resumed from %s at epoch %d iteration %d", path, self.start_epoch, self.start_iter)

@@ -83,6 +83,16 @@ def test_a_folder_of_unreadable_shards_is_an_error_not_a_hang(tmp_path):
         next(ResumableLoader(BatchStream(dataset, batch_size=2, seed=0)))
 
 
+def test_shards_of_only_unusable_samples_are_an_error_not_a_hang(tmp_path, monkeypatch):
+    # Every image corrupt (as, say, every caption under another key): the samples are read, not
+    # the shards, and each is skipped; past a bound in a row, the data is refused with the last reason.
+    monkeypatch.setattr("minigpt4.datasets.data_utils.BROKEN_IN_A_ROW", 30)
+    pattern = write_shards(tmp_path / "laion", n_shards=2, per_shard=4, corrupt=tuple(range(8)))
+    dataset = build("laion", build_info={"storage": pattern}, **PROCESSORS)
+    with pytest.raises(DatasetError, match=r"datasets\.laion\.build_info\.storage: the last 30 samples could not be used; the last: .*0000000\d"):
+        next(ResumableLoader(BatchStream(dataset, batch_size=2, seed=0)))
+
+
 def test_cc_sbu_align_items(tmp_path):
     folder = write_align_folder(tmp_path / "align", n=4, captions=["The Caption: stays RAW."])
     dataset = build("cc_sbu_align", build_info={"storage": str(folder)}, vis_processor=PROCESSORS["vis_processor"])
@@ -100,6 +110,9 @@ def test_cc_sbu_align_bad_input(tmp_path):
     folder.mkdir()
     (folder / "filter_cap.json").write_text(json.dumps({"annotations": []}))
     with pytest.raises(DatasetError, match=r"cc_sbu_align\.build_info\.storage: .*filter_cap\.json' holds no annotations"):
+        build("cc_sbu_align", build_info={"storage": str(folder)}, **PROCESSORS)
+    (folder / "filter_cap.json").write_text(json.dumps({"annotations": [{"image_id": "2", "caption": "a box"}, {"image_id": "5", "caption": None}]}))
+    with pytest.raises(DatasetError, match=r"filter_cap\.json' annotation 1: the caption must be text, got None"):
         build("cc_sbu_align", build_info={"storage": str(folder)}, **PROCESSORS)
     (folder / "filter_cap.json").write_text("")
     with pytest.raises(DatasetError, match=r"filter_cap\.json' is not \{\"annotations\""):
@@ -167,6 +180,25 @@ def test_multi_iter_loader_mixes_by_sample_ratio():
     assert [next(replay) for _ in range(50)] == draws[100:150]
     with pytest.raises(DatasetError, match="sample_ratio"):
         MultiIterLoader([Counter("a")], [0])
+
+
+def test_a_resume_with_the_datasets_in_another_order_is_refused(tmp_path):
+    """The mix draws a dataset by its position: the other order would give each dataset the
+    other's data position and draws, silently."""
+    laion = build("laion", build_info={"storage": write_shards(tmp_path / "laion", 1, 4)}, **PROCESSORS)
+    align = build("cc_sbu_align", build_info={"storage": str(write_align_folder(tmp_path / "align", n=4))}, **PROCESSORS)
+
+    def mix(order):
+        datasets = {"laion": laion, "cc_sbu_align": align}
+        return MultiIterLoader([ResumableLoader(BatchStream(datasets[n], 2, seed=0)) for n in order], [3, 1], seed=0, names=order)
+
+    first = mix(["laion", "cc_sbu_align"])
+    take(first, 3)
+    state = first.state_dict()
+    assert state["names"] == ["laion", "cc_sbu_align"]
+    mix(["laion", "cc_sbu_align"]).load_state_dict(state)
+    with pytest.raises(DatasetError, match=r"datasets: the checkpoint mixed laion, cc_sbu_align in this order, this config lists cc_sbu_align, laion"):
+        mix(["cc_sbu_align", "laion"]).load_state_dict(state)
 
 
 def test_synthetic_shapes_builder_is_deterministic_and_validates_its_kinds():

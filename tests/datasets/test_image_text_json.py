@@ -70,6 +70,7 @@ def messy_folder(tmp_path) -> Path:
         "",                                                                                              # 11 blank: ignored
         {"image": "truncated.jpg", "answer": "Half a file."},                                            # 12 truncated
         {"image": "b.png", "answer": "A square.", "instruction": "What shape is it?"},                    # 13 ok: another question
+        {"image": None, "answer": "No picture."},                                                        # 14 no image
     ])
     return root
 
@@ -88,7 +89,7 @@ def test_bad_lines_are_reported_with_file_and_line_and_skipped(messy_folder, cap
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # one summary, not one warning per line
     text = warnings[0].getMessage()
-    assert f"{KEY}.ann_path: skipping 8 of 12 lines of {ann}" in text
+    assert f"{KEY}.ann_path: skipping 9 of 13 lines of {ann}" in text
     expected = {
         4: "not valid JSON",
         5: "'answer' is empty",
@@ -98,6 +99,7 @@ def test_bad_lines_are_reported_with_file_and_line_and_skipped(messy_folder, cap
         9: "missing key 'answer'",
         10: "duplicate id 'x' (first on line 2)",
         12: "image 'truncated.jpg': damaged image file",
+        14: "'image' is empty",
     }
     for line, reason in expected.items():
         assert f"{ann}:{line}: {reason}" in text, (line, text)
@@ -129,7 +131,7 @@ def test_strict_mode_fails_before_training(messy_folder):
     with pytest.raises(DatasetError) as err:
         build(messy_folder, strict=True)
     message = str(err.value)
-    assert message.startswith(f"{KEY}.ann_path: 8 of 12 lines refused")
+    assert message.startswith(f"{KEY}.ann_path: 9 of 13 lines refused")
     assert f"{messy_folder / 'annotations.jsonl'}:7: image 'corrupt.jpg'" in message and f"{KEY}.strict" in message
 
 

@@ -39,6 +39,7 @@ def test_stage2_trains_only_llama_proj(train, write_yaml, align_dir, tmp_path):
     assert torch.equal(ckpt["model"]["llama_proj.weight"], trained["llama_proj.weight"])
     assert ckpt["config"]["model"]["end_sym"] == "###" and ckpt["config"]["run"]["init_lr"] == 1e-2
     assert set(ckpt) >= {"optimizer", "scaler", "data_state", "rng_state"}
+    assert ckpt["pending_grads"] == [{}]  # saved at an optimizer step: no gradient pending
     assert sorted(p.name for p in out.glob("checkpoint_*")) == ["checkpoint_0.pth", "checkpoint_1.pth"]
 
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
@@ -57,6 +58,25 @@ def test_gradient_accumulation_and_clipping_equal_the_doubled_batch(train, write
     for name in ("llama_proj.weight", "llama_proj.bias"):
         a, b = accum.unwrap_model().state_dict()[name], double.unwrap_model().state_dict()[name]
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_is_exact_when_an_epoch_ends_between_micro_steps(train, write_yaml, tmp_path):
+    """3 iterations an epoch, an optimizer step every 2: epoch 0 ends with one micro-step's
+    gradient pending, which the original carries into epoch 1; its checkpoint carries it too."""
+    import shutil
+
+    align = write_align_folder(tmp_path / "align", n=8)
+    settings = dict(batch_size=2, iters_per_epoch=3, accum_grad_iters=2, max_epoch=2)
+    full = run(train, write_yaml, stage2_config(align, tmp_path / "full", **settings))
+    first = tmp_path / "full" / "job" / "checkpoint_0.pth"
+    pending = torch.load(first, weights_only=True)["pending_grads"]
+    assert len(pending) == 1 and set(pending[0]) == {"llama_proj.weight", "llama_proj.bias"}
+    (tmp_path / "part" / "job").mkdir(parents=True)
+    shutil.copy(first, tmp_path / "part" / "job" / "checkpoint_0.pth")
+    resumed = run(train, write_yaml, stage2_config(align, tmp_path / "part", **settings), "--resume", "auto")
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history if h["epoch"] == 1]
+    for name in ("llama_proj.weight", "llama_proj.bias"):
+        assert torch.equal(resumed.unwrap_model().state_dict()[name], full.unwrap_model().state_dict()[name]), name
 
 
 def test_save_every_iters_must_fall_on_an_optimizer_step(train, write_yaml, align_dir, tmp_path):

@@ -32,6 +32,8 @@ class CCSBUAlignDataset:
         for i, ann in enumerate(annotations):
             if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
                 raise DatasetError(f"{location}: '{ann_path}' annotation {i} lacks image_id or caption: {ann!r}")
+            if not isinstance(ann["caption"], str):
+                raise DatasetError(f"{location}: '{ann_path}' annotation {i}: the caption must be text, got {ann['caption']!r}")
         self.annotation = annotations
 
     def __len__(self) -> int:

@@ -86,7 +86,7 @@ def _parse_line(text: str) -> tuple[dict[str, Any] | None, str | None]:
             return None, f"'{key}' must be a string, got {type(item[key]).__name__}"
     if "id" in item and not isinstance(item["id"], (str, int)):
         return None, f"'id' must be a string or a number, got {type(item['id']).__name__}"
-    if not item["image"].strip():
+    if item["image"] is None or not item["image"].strip():
         return None, "'image' is empty"
     if item["answer"] is None or not item["answer"].strip():
         return None, "'answer' is empty"
