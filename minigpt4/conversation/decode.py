@@ -26,8 +26,11 @@ What transformers offers and what it does not:
   replaces, in its own code. Sampling draws exponential noise per token from the caller's seeded
   generator outside the graph (a graph cannot take a ``torch.Generator``), into a ring of
   ``steps_per_sync`` rows the step reads: the draws are the same whatever ``steps_per_sync``.
-  It is the exponential race (argmax of probs / Exp(1)), a sample from the same distribution as
-  ``generate``'s multinomial but not the same numbers.
+  The filters are ``generate``'s, in its order: temperature, top-k (the LLM's generation config's,
+  else transformers' default of 50, which ``generate`` applies whenever it samples, and the
+  original's demo sampled with), then top-p. The draw is the exponential race (argmax of
+  probs / Exp(1)), a sample from the same distribution as ``generate``'s multinomial but not the
+  same numbers.
 
 One conversation (:func:`stream_decode`), or B contexts decoded side by side (:func:`decode_rows`:
 ``Chat.answer_batch``'s, e.g. captions). Every state tensor has a row per context; a row that
@@ -46,7 +49,7 @@ from contextlib import nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from transformers import StaticCache
+from transformers import GenerationConfig, StaticCache
 
 from minigpt4.conversation.stopping import NO_TOKEN, StopCriteria
 
@@ -70,11 +73,25 @@ def cache_length(positions: int, smallest: int = SMALLEST_CACHE) -> int:
     return length
 
 
-def pick(logits: torch.Tensor, noise: torch.Tensor | None, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """(B,) next tokens from (B, V) logits: argmax when ``noise`` is None, else a top-p sample."""
+def generate_top_k(generation_config: GenerationConfig | None) -> int:
+    """The top-k ``generate`` samples with: the generation config's, else transformers' default
+    (50: ``generate`` fills in every setting a config leaves unset). 0: no top-k filter."""
+    if generation_config is not None and generation_config.top_k is not None:
+        return int(generation_config.top_k)
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)  # transformers 5's own table
+    return int(defaults()["top_k"]) if defaults is not None else 50
+
+
+def pick(logits: torch.Tensor, noise: torch.Tensor | None, temperature: torch.Tensor, top_p: torch.Tensor, top_k: int = 0) -> torch.Tensor:
+    """(B,) next tokens from (B, V) logits: argmax when ``noise`` is None, else a sample after
+    temperature, top-k (``top_k`` > 0) and top-p, as ``generate`` filters."""
     if noise is None:
         return logits.argmax(-1)
     scores = logits.float() / temperature
+    if top_k > 0:
+        # transformers' TopKLogitsWarper: keep the scores at least the k-th largest (ties kept).
+        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
     # transformers' TopPLogitsWarper: drop the least likely tokens whose total stays <= 1 - top_p.
     sorted_scores, order = scores.sort(-1)
     drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
@@ -129,7 +146,7 @@ def prefill_length(positions: int) -> int | None:
 
 
 def decode_one_token(llm, cache: StaticCache, tokens, written, count, done, window, stop, noise, temperature, top_p,
-                     mask=None, lengths=None) -> None:
+                     mask=None, lengths=None, top_k: int = 0) -> None:
     """One step, all on the device and in place: what one CUDA graph replays. Left-padded rows:
     ``mask`` (B, cache size) zero on the padding, ``lengths`` (B,) each row's own context length."""
     last = tokens.index_select(1, written - 1)  # (B, 1)
@@ -137,7 +154,7 @@ def decode_one_token(llm, cache: StaticCache, tokens, written, count, done, wind
     logits = llm(inputs_embeds=llm.get_input_embeddings()(last), attention_mask=mask, position_ids=positions, cache=cache,
                  use_cache=True).logits[:, -1]
     draws = None if noise is None else noise.index_select(0, written % noise.shape[0])[0]
-    record(pick(logits, draws, temperature, top_p), tokens, written, count, done, window, stop)
+    record(pick(logits, draws, temperature, top_p, top_k), tokens, written, count, done, window, stop)
 
 
 _compiled: dict[str, Callable] = {}
@@ -208,6 +225,7 @@ class _Buffers:
         # for several rows: a batch of fresh contexts has no next turn).
         self.held: torch.Tensor | None = None
         self.reused = 0  # positions the last answer took from the cache instead of prefilling them
+        self.answers = 0  # answers begun on these buffers: only the latest may say what the cache holds
         for t in (self.tokens, self.written, self.count, self.done, self.temperature, self.top_p):
             torch._dynamo.mark_static_address(t)
 
@@ -333,6 +351,7 @@ def stream_decode_rows(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int | None = None,
     generator: torch.Generator | None = None,
     steps_per_sync: int = 8,
     compile: bool = False,
@@ -346,8 +365,9 @@ def stream_decode_rows(
     that row alone, up to and including its own first stop (the same ids when greedy).
 
     ``stop``: the template's stop text and EOS ids (``Chat.stop``); None: only ``max_new_tokens`` ends it.
-    ``do_sample``: temperature, then top-p, then a draw from ``generator`` (on the embeddings'
-    device; None: the global RNG), each row's noise in turn. ``steps_per_sync``: steps between host
+    ``do_sample``: temperature, then top-k (None: :func:`generate_top_k` of the LLM's generation
+    config, as ``generate``; 0: none), then top-p, then a draw from ``generator`` (on the
+    embeddings' device; None: the global RNG), each row's noise in turn. ``steps_per_sync``: steps between host
     reads; up to ``steps_per_sync - 1`` steps past the last stop are computed and dropped.
     ``compile``: the step as a CUDA graph (``torch.compile(mode="reduce-overhead")``; the first call
     per cache size and number of rows compiles). ``suppress_first``: token ids the first new token
@@ -368,10 +388,16 @@ def stream_decode_rows(
         raise ValueError(f"max_new_tokens {max_new_tokens}, steps_per_sync {steps_per_sync}: both must be at least 1")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise ValueError(f"temperature {temperature}, top_p {top_p}: sampling needs temperature > 0 and 0 < top_p <= 1")
+    if top_k is None:
+        top_k = generate_top_k(llm.generation_config) if do_sample else 0
+    if top_k < 0:
+        raise ValueError(f"top_k {top_k}: must be 0 (no top-k filter) or more")
     device, rows = inputs_embeds.device, inputs_embeds.shape[0]
     lengths = left_padded_lengths(attention_mask, inputs_embeds)
     b = buffers_for(llm, cache_length(max(inputs_embeds.shape[1] + max_new_tokens, cache_positions)), rows, device)
     keep = b.keep(inputs_embeds)
+    b.answers += 1
+    mine = b.answers
     mask = None
     if lengths is not None:
         # Fixed for the whole answer: the padding stays where it is, every later position is real.
@@ -412,7 +438,7 @@ def stream_decode_rows(
     logits = run_prefill(llm, b, inputs_embeds[:, keep:], compile, mask, lengths)
     if suppress_first:
         logits[:, list(suppress_first)] = -float("inf")
-    record(pick(logits, None if noise is None else noise[0], b.temperature, b.top_p), *state)
+    record(pick(logits, None if noise is None else noise[0], b.temperature, b.top_p, top_k if do_sample else 0), *state)
     written, emitted = 1, [0] * rows
     try:
         chunks, done = read(1, emitted)
@@ -425,7 +451,7 @@ def stream_decode_rows(
                     draw(written + i)
                     if compile:
                         torch.compiler.cudagraph_mark_step_begin()  # nothing of the last replay is kept
-                    step(llm, b.cache, *state, noise, b.temperature, b.top_p, mask, lengths)
+                    step(llm, b.cache, *state, noise, b.temperature, b.top_p, mask, lengths, top_k if do_sample else 0)
             written += steps
             chunks, done = read(written, emitted)
             emitted = [sent + len(chunk) for sent, chunk in zip(emitted, chunks)]
@@ -435,7 +461,9 @@ def stream_decode_rows(
     # (Any other error leaves b.held None: nothing is reused from a cache in an unknown state.)
     # The cache holds the context and every token fed back (all but the last written); of those,
     # the reply's (up to its stop) are what a next turn can start with.
-    if rows == 1:
+    # Only while no later answer has used these buffers (a reader left open, closed after another
+    # call ran, must not describe the other call's cache as its own).
+    if rows == 1 and b.answers == mine and _buffers.get(llm) is b:
         fed = min(written - 1, emitted[0])
         b.held = torch.cat([inputs_embeds[0], llm.get_input_embeddings()(b.tokens[0, :fed]).to(inputs_embeds.dtype)])
 

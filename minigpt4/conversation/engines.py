@@ -17,7 +17,7 @@ engine's reply is cleaned the same way.
   left-padded when its contexts' lengths differ), are written by :mod:`~minigpt4.conversation.decode`
   instead (a static cache, the one-token step as one CUDA graph on a GPU, the host reading the
   tokens every ``steps_per_sync`` steps): the same tokens as ``generate`` under greedy decoding,
-  a sample from the same distribution when sampling. The queue's batches of concurrent requests
+  a sample from the same distribution when sampling (temperature, generate's top-k, top-p). The queue's batches of concurrent requests
   (whose size changes with the load: each size would be a compiled graph of its own) still go to
   ``generate``. The loop keeps the last answer's positions in its own cache, so a request whose
   context starts the same way (the next turn of that conversation) prefills only the rest. It
@@ -49,7 +49,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from minigpt4.conversation.decode import stream_decode_rows
+from minigpt4.conversation.decode import generate_top_k, stream_decode_rows
 from minigpt4.conversation.stopping import NO_TOKEN, StopCriteria
 from minigpt4.models.llm import LORA_MARKER
 
@@ -376,6 +376,7 @@ _STATIC_OPTIONS: dict[str, Callable[[Any, int], bool]] = {
     "num_beams": lambda v, _: v == 1,
     "num_return_sequences": lambda v, _: v == 1,
     "repetition_penalty": lambda v, _: v == 1.0,
+    "top_k": lambda v, _: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
     "length_penalty": lambda v, _: True,  # beam search only
     # From context embeddings generate counts min_length over the context and the reply together:
     # up to the context's length it changes nothing.
@@ -392,8 +393,8 @@ def static_options(request: GenerationRequest) -> None:
         allowed = _STATIC_OPTIONS.get(key)
         if allowed is None or not allowed(value, request.prompt_tokens):
             raise EngineRequestError(
-                f"{key}={value!r}: the static decode loop (decode='static') writes with greedy or top-p "
-                f"sampling alone; use decode='generate' for this setting"
+                f"{key}={value!r}: the static decode loop (decode='static') writes with greedy or "
+                f"top-k/top-p sampling alone; use decode='generate' for this setting"
             )
 
 
@@ -526,7 +527,7 @@ class HFEngine(_BatchQueue, Engine):
         ended: dict[int, FinishReason | None] = {}  # row -> "stop" (its own stop string), None: decided below
         stream = stream_decode_rows(
             llm, embeds, max(limits), self.stop, do_sample=sampling.do_sample, temperature=sampling.temperature,
-            top_p=sampling.top_p, generator=generator, steps_per_sync=self.steps_per_sync, compile=compile,
+            top_p=sampling.top_p, top_k=first.options.get("top_k"), generator=generator, steps_per_sync=self.steps_per_sync, compile=compile,
             suppress_first=first_token_suppressed(first.options, llm.generation_config), attention_mask=mask,
         )
         with self.model.maybe_autocast(self.model.autocast_dtype):
@@ -543,6 +544,11 @@ class HFEngine(_BatchQueue, Engine):
                                 ended[i] = None
                                 break
                         if row.cancelled:  # its consumer left: it takes no more tokens
+                            ended.setdefault(i, None)
+                        elif not chunk:
+                            # A row that writes gets tokens at every read: none means it stopped on
+                            # the device (the template's stop, or EOS). Once every row has ended here
+                            # the loop ends, also when some ended by their own limits or stop strings.
                             ended.setdefault(i, None)
                     if len(ended) == len(rows):
                         break
@@ -647,8 +653,9 @@ def encode_prompt_embeds(inputs_embeds: torch.Tensor) -> str:
 
 # generate() options the vllm engine maps onto vLLM's sampling parameters; a value equal to the
 # neutral one is left out. Beam-only and cache options mean nothing to it and are dropped.
-_VLLM_OPTIONS = {"repetition_penalty": ("repetition_penalty", 1.0), "min_length": ("min_tokens", 0), "min_new_tokens": ("min_tokens", 0), "top_k": ("top_k", 0)}
-_VLLM_IGNORED = {"num_beams", "length_penalty", "use_cache", "cache_implementation"}
+# top_k is the payload's own (generate's default applies when a request leaves it out).
+_VLLM_OPTIONS = {"repetition_penalty": ("repetition_penalty", 1.0), "min_length": ("min_tokens", 0), "min_new_tokens": ("min_tokens", 0)}
+_VLLM_IGNORED = {"num_beams", "length_penalty", "use_cache", "cache_implementation", "top_k"}
 
 
 class VLLMEngine(Engine):
@@ -749,6 +756,11 @@ class VLLMEngine(Engine):
             payload["stream_options"] = {"include_usage": True}
         if request.seed is not None:
             payload["seed"] = request.seed
+        if sampling.do_sample:
+            # generate samples with top_k=50 unless told otherwise (so did the original's demo);
+            # vLLM's default is no top-k. 0 turns it off in both.
+            top_k = request.options.get("top_k")
+            payload["top_k"] = generate_top_k(None) if top_k is None else int(top_k)
         payload.update(self._options(request.options))
         return payload
 

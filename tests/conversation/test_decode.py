@@ -233,6 +233,64 @@ def test_top_p_and_temperature_narrow_sampling_to_greedy(tiny):
     assert sample(llm, embeds, seed=0, temperature=1e-4, top_p=1.0) == free[:32]
 
 
+@pytest.mark.parametrize("top_k", [0, 5, 50])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_sampling_keeps_the_tokens_generates_filters_keep(top_k, top_p):
+    """temperature, then top-k, then top-p: the tokens a draw can give are those transformers'
+    warpers leave, in generate's order. Token t is drawable iff a near-zero noise on t alone makes
+    the draw pick it (its probability is then not zero)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    vocab, temperature = 400, 0.7
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(top_k)) * 3
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    scores = TopPLogitsWarper(top_p)(None, scores)
+    kept = set(torch.isfinite(scores[0]).nonzero().flatten().tolist())
+    noise = torch.ones(vocab, vocab)
+    noise.fill_diagonal_(1e-30)
+    picked = decode_module.pick(logits.expand(vocab, vocab), noise, torch.tensor(temperature), torch.tensor(top_p), top_k)
+    assert {t for t in range(vocab) if picked[t] == t} == kept
+    assert len(kept) <= (top_k or vocab)
+
+
+def test_sampling_uses_generates_top_k_unless_told(tiny, monkeypatch):
+    """generate fills in top_k=50 when it samples (the original's demo sampled so): the loop too,
+    or the LLM's own generation config's, or the caller's; 0 turns it off."""
+    llm, embeds, _, _ = tiny
+    with torch.no_grad():
+        order = llm(inputs_embeds=embeds).logits[0, -1].argsort(descending=True).tolist()
+    rank = {token: i for i, token in enumerate(order)}
+
+    def first_tokens(**settings) -> list[int]:
+        generator = torch.Generator().manual_seed(0)
+        return [decode(llm, embeds, 1, do_sample=True, temperature=3.0, generator=generator, **settings)[0] for _ in range(48)]
+
+    assert llm.generation_config.top_k is None and decode_module.generate_top_k(llm.generation_config) == 50
+    assert max(rank[t] for t in first_tokens()) < 50
+    assert max(rank[t] for t in first_tokens(top_k=0)) >= 50  # hot and unfiltered: the tail is drawn
+    assert max(rank[t] for t in first_tokens(top_k=3)) < 3
+    monkeypatch.setattr(llm.generation_config, "top_k", 2)
+    assert max(rank[t] for t in first_tokens()) < 2
+    with pytest.raises(ValueError, match="top_k -1: must be 0"):
+        decode(llm, embeds, 1, do_sample=True, top_k=-1)
+
+
+def test_a_reader_closed_after_another_answer_does_not_claim_its_cache(tiny):
+    """A reader left open while another answer runs on the same buffers, then closed: the cache
+    holds the other answer, and the next call must not reuse it as the first's."""
+    llm, embeds, tokenizer, free = tiny
+    first = stream_decode(llm, embeds, N)
+    read = next(first) + next(first)
+    other = embeds.flip(1)  # another context of the same length: the same buffers
+    decode(llm, other, 16)
+    first.close()
+    second = follow_up(llm, embeds, read, tokenizer)
+    assert decode(llm, second, 16) == generate(llm, second, 16)
+    assert decode_module._buffers[llm].reused == 0  # nothing of `other`'s cache taken for this context
+
+
 @pytest.mark.slow
 def test_the_step_traces_as_one_graph(tiny):
     # fullgraph=True fails on any graph break (a host sync, an unsupported call): what CUDA graph

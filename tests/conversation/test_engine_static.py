@@ -215,6 +215,60 @@ def test_rows_of_a_batch_keep_their_own_limits_and_stop_strings(long_chats, tiny
     assert len(got[1].token_ids) == 7 and len(got[2].token_ids) < len(got[0].token_ids) == 40
 
 
+def test_a_batch_ends_when_its_rows_have_ended_on_either_side(long_chats, tiny_images, monkeypatch):
+    # Row 0 ends by its own limit (the engine's side) and writes on on the device; row 1 stops on
+    # the device (at an "EOS" of this test: a token it writes early and row 0 never writes). The
+    # loop must stop at the next host read, not at the longest limit.
+    from minigpt4.conversation import engines
+    from minigpt4.conversation.stopping import StopCriteria
+
+    plain, static = long_chats
+    model, images = static.model, [tiny_images[0], tiny_images[2]]
+
+    def requests(chat: Chat, limits) -> list:
+        out = []
+        for image, limit in zip(images, limits):
+            conv, img_list = conversation(chat, image, "What is in the picture?")
+            conv.append_message(conv.roles[1], None)
+            context = chat.get_context_emb(conv.get_prompt(), img_list)
+            out.append(chat.engine_request({**chat.generation_kwargs(do_sample=False, max_new_tokens=limit), "inputs_embeds": context}))
+        return out
+
+    free = [r.token_ids for r in plain.engine.generate_many(requests(plain, (200, 200)))]
+    stop_token = next(t for t in free[1][1:8] if t not in free[0])
+    stop = StopCriteria(model.llama_tokenizer, None, [stop_token])
+    reads, original = [], engines.stream_decode_rows
+
+    def counted(*args, **kwargs):
+        for chunks in original(*args, **kwargs):
+            reads.append([len(chunk) for chunk in chunks])
+            yield chunks
+
+    monkeypatch.setattr(engines, "stream_decode_rows", counted)
+    generate_engine, loop_engine = HFEngine(model, stop), HFEngine(model, stop, decode="static")
+    try:
+        expected = generate_engine.generate_many(requests(plain, (2, 200)))
+        got = loop_engine.generate_many(requests(static, (2, 200)))
+    finally:
+        generate_engine.close(), loop_engine.close()
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert [r.finish_reason for r in got] == ["length", "stop"]
+    stopped = len(got[1].token_ids)
+    # The first read, then 8 steps a read until row 1's stop, then the read that shows it ended.
+    assert len(reads) <= 1 + -(-(stopped - 1) // 8) + 1, reads
+
+
+def test_sampling_takes_generates_top_k_and_a_callers(long_chats, tiny_images):
+    # generate samples with top_k=50 unless told otherwise; the loop takes the same, and a request's top_k.
+    _, static = long_chats
+    settings = dict(do_sample=True, temperature=1.5, top_p=1.0, max_new_tokens=8)
+    greedy = static.reply(*conversation(static, tiny_images[0], "What is in the picture?"), **{**settings, "do_sample": False})
+    narrowed = static.reply(*conversation(static, tiny_images[0], "What is in the picture?"), seed=3, top_k=1, **settings)
+    assert narrowed.result.token_ids == greedy.result.token_ids  # top-1 sampling is greedy
+    with pytest.raises(EngineRequestError, match=r"top_k=-2: the static decode loop"):
+        static.reply(*conversation(static, tiny_images[0], "What is in the picture?"), top_k=-2, **settings)
+
+
 def test_wrong_settings_say_what_is_wrong(tiny_models):
     model = tiny_models["vicuna0"]
     chat = Chat(model, Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0)

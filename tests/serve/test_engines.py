@@ -217,8 +217,14 @@ def test_vllm_engine_sends_prompt_embeds_and_reads_token_ids(stand_in):
     assert torch.equal(sent, embeds[0])
     assert payload["model"] == "served-llm" and payload["temperature"] == 0.0 and payload["max_tokens"] == 40
     assert payload["stop"] == ["###", "circle"] and payload["seed"] == 3 and payload["min_tokens"] == 1 and payload["return_token_ids"]
+    assert "top_k" not in payload  # greedy
     chunks = list(engine.stream(request))
     assert [c.token_ids for c in chunks[:-1]] == [[5], [6, 2]] and chunks[-1].result.finish_reason == "length"
+    # Sampling: generate's top-k (50 unless told; vLLM's own default is none), the request's if it has one.
+    for options, top_k in (({}, 50), ({"top_k": 0}, 0), ({"top_k": 7}, 7)):
+        engine.generate(GenerationRequest(embeds, Sampling(4, do_sample=True, temperature=0.8, top_p=0.9), options=options))
+        sent = stand_in.payloads[-1]
+        assert (sent["top_k"], sent["temperature"], sent["top_p"]) == (top_k, 0.8, 0.9), options
     with pytest.raises(EngineRequestError, match="beam search"):
         engine.generate(GenerationRequest(embeds, Sampling(4), options={"num_beams": 3}))
     with pytest.raises(EngineRequestError, match="cannot apply the generate option 'logits_processor'"):
