@@ -239,7 +239,10 @@ class ResumableLoader:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches, "raw": list(self.raw), "broken": self.broken}
+        state = {"batches": self.batches, "raw": list(self.raw), "broken": self.broken}
+        if self.stream.is_stream:
+            state["shards"] = shard_list_digest(self.stream.dataset.shards)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if self._iter is not None:
@@ -249,11 +252,22 @@ class ResumableLoader:
                 f"run.num_workers: the checkpoint's shard streams were read by {len(state['raw'])} loader workers, "
                 f"this run has {self.stream.num_workers}; resuming exactly needs the same value"
             )
+        saved = state.get("shards")
+        if self.stream.is_stream and saved is not None and saved != shard_list_digest(self.stream.dataset.shards):
+            # The stream draws its shards by position in this list: another list replays other samples.
+            logger.warning("%s: the shards are not those the checkpoint read (%d then, %d now): the resumed run reads "
+                           "other samples than an uninterrupted one would", self.stream.dataset.location, saved["count"],
+                           len(self.stream.dataset.shards))
         self.batches, self.raw, self.broken = int(state["batches"]), list(state["raw"]), int(state["broken"])
         self.stream.start = {"batches": self.batches, "raw": list(self.raw)}
 
     def close(self) -> None:
         self._iter = None
+
+
+def shard_list_digest(shards: Sequence[str]) -> dict[str, Any]:
+    """What identifies a shard list in a checkpoint: its length and a hash of its paths in order."""
+    return {"count": len(shards), "sha256": hashlib.sha256("\n".join(map(str, shards)).encode()).hexdigest()[:16]}
 
 
 class MultiIterLoader:

@@ -164,6 +164,25 @@ def test_resumed_loader_continues_exactly(tmp_path, kind):
     resumed.close()
 
 
+def test_a_resume_over_other_shards_says_it_reads_other_samples(tmp_path, caplog):
+    # Shards added between a run and its resume (a download still going on): the stream draws
+    # shards by their position in the list, so the resumed run reads other samples: it says so.
+    write_shards(tmp_path / "s", 2, 4)
+    before = build("laion", build_info={"storage": str(tmp_path / "s")}, **PROCESSORS)
+    first = ResumableLoader(BatchStream(before, 2, seed=1))
+    take(first, 2)
+    state = first.state_dict()
+    assert state["shards"]["count"] == 2
+    with caplog.at_level(logging.WARNING):
+        ResumableLoader(BatchStream(before, 2, seed=1)).load_state_dict(state)
+    assert "not those the checkpoint read" not in caplog.text
+    write_shards(tmp_path / "s", 3, 4)
+    after = build("laion", build_info={"storage": str(tmp_path / "s")}, **PROCESSORS)
+    with caplog.at_level(logging.WARNING):
+        ResumableLoader(BatchStream(after, 2, seed=1)).load_state_dict(state)
+    assert "datasets.laion.build_info.storage: the shards are not those the checkpoint read (2 then, 3 now)" in caplog.text
+
+
 def test_multi_iter_loader_mixes_by_sample_ratio():
     class Counter:
         def __init__(self, name):
