@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import gradio as gr
 from PIL import Image
 
 from minigpt4.chat import DEFAULT_CFG, load_chat
-from minigpt4.common.cli import ArgumentError, existing_file
+from minigpt4.common.cli import add_gpu_id, existing_file, free_port_for, port
 from minigpt4.conversation import IMAGE_MESSAGE, Chat, Conversation, ImageError, open_image
 from minigpt4.conversation.engines import DECODES
 
@@ -47,13 +46,13 @@ EMPTY_REPLY = "*(no answer)*"
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="MiniGPT-4 chat demo")
     parser.add_argument("--cfg-path", default=str(DEFAULT_CFG), help="evaluation config, e.g. eval_configs/minigpt4_eval.yaml (default: the nano model, offline on a CPU)")
-    parser.add_argument("--gpu-id", type=int, default=0, help="GPU to load the model on")
+    add_gpu_id(parser)
     parser.add_argument("--options", nargs="+", default=[], help="override config settings, key=value (e.g. model.ckpt=...)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=port, default=7860, help="port to listen on (default: 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--concurrency", type=int, default=1, help="how many uploads/answers may use the model at once")
-    parser.add_argument("--max-queue", type=int, default=64, help="events waiting in the queue before new ones are refused")
+    parser.add_argument("--max-queue", type=int, default=64, help="events waiting in the queue before new ones are refused (default: 64)")
     parser.add_argument("--no-kv-cache", action="store_true", help="re-encode the whole conversation every turn, as the original")
     parser.add_argument("--decode", choices=DECODES, default="generate",
                         help="static: our decode loop, its step one CUDA graph on a GPU (the KV cache is the loop's own)")
@@ -62,17 +61,6 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
     return args
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether ``host:port`` can be listened on now (checked before the model takes minutes to load)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closed port in TIME_WAIT is free
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def user_error(message: str) -> gr.Error:
@@ -269,8 +257,7 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     existing_file("--cfg-path", args.cfg_path)  # before the model loads
-    if not port_is_free(args.host, args.port):
-        raise ArgumentError(f"--port: {args.host}:{args.port} is in use; pick another with --port")
+    free_port_for(args.host, args.port)
     logger.info("Initializing Chat")
     chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=not args.no_kv_cache, decode=args.decode)
     logger.info("Initialization Finished")

@@ -30,17 +30,21 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 DEFAULT_CAPTION_PROMPT = "Describe this image in detail."
 
 
-def pick_device(gpu_id: int) -> torch.device:
+def pick_device(gpu_id: int | None = None) -> torch.device:
+    """GPU ``gpu_id`` (None: the first), or the CPU when there is none (a warning only when a GPU was asked for)."""
     if torch.cuda.is_available():
-        return torch.device(f"cuda:{gpu_id}")
-    logger.warning("no CUDA GPU: running on the CPU (--gpu-id %d ignored)", gpu_id)
+        return torch.device(f"cuda:{gpu_id or 0}")
+    if gpu_id is not None:
+        logger.warning("no CUDA GPU: running on the CPU (--gpu-id %d ignored)", gpu_id)
+    else:
+        logger.info("no CUDA GPU: running on the CPU")
     return torch.device("cpu")
 
 
 def load_chat(
     cfg_path: str | Path,
     options: Sequence[str] | None = None,
-    gpu_id: int = 0,
+    gpu_id: int | None = None,
     reuse_kv_cache: bool = True,
     engine: str = "hf",
     engine_url: str | None = None,
@@ -71,7 +75,7 @@ def load_chat(
     cfg = Config(cfg_path=str(cfg_path), options=list(options or []))
     model_cfg = cfg.model_cfg
     device = pick_device(gpu_id)
-    model_cfg.device_8bit = gpu_id  # the 8-bit LLM is placed on the same GPU, as the original demo
+    model_cfg.device_8bit = gpu_id or 0  # the 8-bit LLM is placed on the same GPU, as the original demo
     model = registry.get_model_class(model_cfg.arch).from_config(model_cfg).eval()
     if model_cfg.get("low_resource") or model_cfg.get("load_in_4bit"):
         # A quantized LLM is already on its GPU and refuses .to(); move the rest only.
@@ -274,9 +278,11 @@ def generation_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from minigpt4.common.cli import add_gpu_id
+
     parser = argparse.ArgumentParser(prog="python -m minigpt4.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cfg-path", default=str(DEFAULT_CFG), help="evaluation config, e.g. eval_configs/minigpt4_eval.yaml (default: the nano model)")
-    parser.add_argument("--gpu-id", type=int, default=0, help="GPU to load the model on")
+    add_gpu_id(parser)
     parser.add_argument("--options", nargs="+", default=[], help="override config settings, key=value (e.g. model.ckpt=...)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--image", nargs="+", type=Path, help="image(s) to chat about, in order")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REF, REPO, free_port, tiny_model_section
 
@@ -311,6 +312,37 @@ def test_demo_checks_its_numbers_and_its_port_before_loading():
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines()[-1] == f"error: --port: 127.0.0.1:{port} is in use; pick another with --port"
     assert "Initializing Chat" not in run.stderr  # before the model loads
+
+
+@pytest.mark.parametrize("program", [["demo.py"], ["-m", "minigpt4.apps.serve"]])
+def test_a_port_is_checked_before_loading(program):
+    """Out of range: argparse says so; in use: said before the model loads (the server once logged
+    "serving ... on" and "startup complete" first)."""
+    run = subprocess.run([sys.executable, *program, "--port", "99999"], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].endswith("error: argument --port: a port is 1 to 65535, got 99999")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, *program, "--port", str(port)], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f"error: --port: 127.0.0.1:{port} is in use; pick another with --port"
+    assert "ready on" not in run.stderr and "serving" not in run.stderr  # before the model loads
+
+
+def test_without_a_gpu_only_a_gpu_asked_for_is_said_to_be_ignored(caplog):
+    import logging
+
+    from minigpt4.chat import pick_device
+
+    with caplog.at_level(logging.INFO, logger="minigpt4.chat"):
+        assert pick_device() == torch.device("cpu")
+        assert pick_device(1) == torch.device("cpu")
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert said == [(logging.INFO, "no CUDA GPU: running on the CPU"), (logging.WARNING, "no CUDA GPU: running on the CPU (--gpu-id 1 ignored)")]
+    run = subprocess.run([sys.executable, "-m", "minigpt4.chat", "--gpu-id", "-1", "--image", "x.png"], capture_output=True, text=True,
+                         cwd=REPO, env=ENV, timeout=120)
+    assert run.returncode == 2 and "argument --gpu-id: expected a GPU number (0, 1, ...), got '-1'" in run.stderr
 
 
 def test_chat_starts_from_the_configs_decoding(tiny_models):

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from minigpt4.common.cli import add_gpu_id
 from minigpt4.datasets.data_utils import derive_seed
 from minigpt4.datasets.datasets.synthetic_shapes import (
     COLOURS,
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=64, help="side of the rendered scenes in pixels")
     parser.add_argument("--protocol", choices=[*PROTOCOLS, "all"], default="all")
-    parser.add_argument("--gpu-id", type=int, default=0)
+    add_gpu_id(parser)
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--decode", choices=DECODES, default="generate",
                         help="static: each batch of questions by our decode loop (left-padded rows; one CUDA graph a step on a GPU)")

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from minigpt4.common.cli import ArgumentError
+from minigpt4.common.cli import ArgumentError, add_gpu_id
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-dir", type=Path, required=True, help="folder of images (subfolders included)")
     parser.add_argument("--out", type=Path, help="output JSON Lines (default: <image-dir>/annotations.jsonl)")
     parser.add_argument("--options", nargs="+", default=[], help="override config settings, key=value (e.g. model.ckpt=...)")
-    parser.add_argument("--gpu-id", type=int, default=0)
+    add_gpu_id(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="images per generate call")
     parser.add_argument("--min-tokens", type=int, default=MIN_TOKENS, help="ask 'Continue' while a description is shorter (paper: 80)")
     parser.add_argument("--max-continuations", type=int, default=DEFAULT_MAX_CONTINUATIONS, help="cap on 'Continue' turns per image")

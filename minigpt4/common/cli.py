@@ -3,7 +3,9 @@ ends the program with its one-line message (which names the key, file or URL) an
 instead of a traceback."""
 from __future__ import annotations
 
+import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -50,6 +52,43 @@ def writable_file(flag: str, path: str | Path) -> Path:
     if not os.access(parent, os.W_OK):
         raise ArgumentError(f"{flag}: cannot write in '{parent}'")
     return path
+
+
+def port(text: str) -> int:
+    """An argparse ``type``: a TCP port to listen on, 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got '{text}'") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
+    return value
+
+
+def add_gpu_id(parser: argparse.ArgumentParser, help: str = "GPU to load the model on") -> None:
+    """``--gpu-id``: None unless given, so that a run without a GPU says it ignores only a GPU asked for."""
+    def gpu(text: str) -> int:
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"expected a GPU number (0, 1, ...), got '{text}'")
+        return int(text)
+
+    parser.add_argument("--gpu-id", type=gpu, default=None, help=f"{help} (default: 0)")
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be listened on now (checked before the model takes minutes to load)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closed port in TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_for(host: str, port: int) -> None:
+    if not port_is_free(host, port):
+        raise ArgumentError(f"--port: {host}:{port} is in use; pick another with --port")
 
 
 def run_main(main: Callable[[], Any]) -> None:

@@ -72,7 +72,9 @@ def init_distributed_mode(device: str = "cuda", dist_url: str = "env://", backen
     of its ``LOCAL_RANK``.
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device: '{device}' but no CUDA GPU is visible; set run.device=cpu to train on the CPU")
+        from minigpt4.common.config import ConfigError  # (config imports this module)
+
+        raise ConfigError(f"run.device: '{device}' but no CUDA GPU is visible; add --options run.device=cpu to train on the CPU")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo(0, 1, 0, torch.device(device if device != "cuda" else "cuda:0"))
 

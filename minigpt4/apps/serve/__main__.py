@@ -25,30 +25,33 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from minigpt4.common.cli import add_gpu_id, port
+
     parser = argparse.ArgumentParser(prog="python -m minigpt4.apps.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cfg-path", default=str(DEFAULT_CFG), help="evaluation config (default: the nano model)")
     parser.add_argument("--options", nargs="+", default=[], help="override config settings, key=value")
-    parser.add_argument("--gpu-id", type=int, default=0, help="GPU for the model (the hf engine) or the vision side (vllm)")
+    add_gpu_id(parser, "GPU for the model (the hf engine) or the vision side (vllm)")
     parser.add_argument("--engine", choices=ENGINES, default="hf", help="hf: transformers in this process; vllm: the LLM on a vLLM server")
     parser.add_argument("--engine-url", help="the vLLM server, e.g. http://127.0.0.1:8001 (started with --enable-prompt-embeds)")
     parser.add_argument("--decode", choices=DECODES, default="generate",
                         help="the hf engine's way of writing a request that runs alone: transformers generate, or our "
                              "static-cache loop (its step one CUDA graph on a GPU); concurrent requests batched together use generate")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument("--model-name", help="the model id clients name (default: minigpt4-<model_type>, e.g. minigpt4-nano)")
     security = parser.add_argument_group("security and limits")
     security.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: MINIGPT4_API_KEY, else none)")
-    security.add_argument("--max-queue", type=int, default=64, help="requests in the server at once; one more gets 429")
-    security.add_argument("--max-batch", type=int, default=32, help="requests generated together (the hf engine); 1 answers one at a time")
-    security.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
-    security.add_argument("--max-images", type=int, default=8, help="images per request")
-    security.add_argument("--max-body-mb", type=float, default=20.0, help="request body size; larger gets 413")
+    security.add_argument("--max-queue", type=int, default=64, help="requests in the server at once; one more gets 429 (default: 64)")
+    security.add_argument("--max-batch", type=int, default=32,
+                          help="requests generated together (the hf engine); 1 answers one at a time (default: 32)")
+    security.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for (default: 1024)")
+    security.add_argument("--max-images", type=int, default=8, help="images per request (default: 8)")
+    security.add_argument("--max-body-mb", type=float, default=20.0, help="request body size; larger gets 413 (default: 20)")
     security.add_argument("--max-image-mp", type=float, default=50.0,
-                          help="largest image, in megapixels (decoded: 3 bytes a pixel, per image of every request in progress)")
+                          help="largest image, in megapixels (decoded: 3 bytes a pixel, per image of every request in progress; default: 50)")
     security.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public addresses only, no redirects)")
-    security.add_argument("--remote-image-mb", type=float, default=10.0, help="largest remote image")
-    security.add_argument("--remote-image-timeout", type=float, default=10.0, help="seconds to fetch a remote image")
+    security.add_argument("--remote-image-mb", type=float, default=10.0, help="largest remote image (default: 10)")
+    security.add_argument("--remote-image-timeout", type=float, default=10.0, help="seconds to fetch a remote image (default: 10)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser.parse_args(argv)
 
@@ -57,9 +60,10 @@ def check_args(args: argparse.Namespace) -> None:
     """Every flag checked before the model loads."""
     import os
 
-    from minigpt4.common.cli import ArgumentError, existing_file
+    from minigpt4.common.cli import ArgumentError, existing_file, free_port_for
 
     existing_file("--cfg-path", args.cfg_path)
+    free_port_for(args.host, args.port)  # before the model loads, not after "serving ... on"
     if args.engine == "vllm" and not args.engine_url:
         raise ArgumentError("--engine-url: the vllm engine needs the vLLM server's URL, e.g. http://127.0.0.1:8001")
     if args.engine_url and not args.engine_url.startswith(("http://", "https://")):
