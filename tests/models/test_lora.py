@@ -15,7 +15,32 @@ def test_lora_adds_trainable_q_v_adapters_and_keeps_the_base_frozen():
     assert lora and all(("q_proj" in n or "v_proj" in n) for n in lora)
     assert set(trainable) - set(lora) == {"llama_proj.weight", "llama_proj.bias"}
     model.train()
-    assert not model.llama_model.training  # the base LLM stays in eval mode
+    # The LLM follows .train(): the adapters' dropout acts (peft applies it in training mode only).
+    dropouts = [m for n, m in model.llama_model.named_modules() if n.endswith("lora_dropout.default")]
+    assert dropouts and all(m.training for m in dropouts) and model.llama_model.training
+    assert not model.visual_encoder.training and not model.Qformer.training  # the frozen encoders stay in eval mode
+    model.eval()
+    assert not any(m.training for m in dropouts)
+    plain = MiniGPT4.from_config(tiny_model_section()).train()
+    assert not plain.llama_model.training  # without adapters the LLM is frozen whole, in eval mode
+
+
+def test_lora_dropout_acts_in_training():
+    import torch
+
+    torch.manual_seed(0)
+    model = MiniGPT4.from_config(tiny_model_section(lora_r=4, lora_alpha=8, lora_dropout=0.5))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    embeds = torch.randn(1, 7, model.llama_model.config.hidden_size)
+    model.train()
+    with torch.no_grad():
+        first, second = (model.llama_model(inputs_embeds=embeds).logits for _ in range(2))
+    assert not torch.equal(first, second)  # a fresh dropout mask each forward
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.llama_model(inputs_embeds=embeds).logits, model.llama_model(inputs_embeds=embeds).logits)
 
 
 def test_export_ships_the_adapters_and_merges_them_for_vllm(tmp_path):

@@ -79,6 +79,14 @@ def test_resume_is_exact_when_an_epoch_ends_between_micro_steps(train, write_yam
         assert torch.equal(resumed.unwrap_model().state_dict()[name], full.unwrap_model().state_dict()[name]), name
 
 
+def test_a_half_precision_llm_is_refused_before_training_on_the_cpu(train, write_yaml, align_dir, tmp_path):
+    cfg = stage2_config(align_dir, tmp_path)
+    cfg["model"]["torch_dtype"] = "float16"
+    with pytest.raises(ConfigError, match=r"model\.torch_dtype: float16 trains only on a GPU"):
+        run(train, write_yaml, cfg)
+    assert not list(tmp_path.glob("job/checkpoint_*"))
+
+
 def test_save_every_iters_must_fall_on_an_optimizer_step(train, write_yaml, align_dir, tmp_path):
     cfg = stage2_config(align_dir, tmp_path, accum_grad_iters=2, save_every_iters=3)
     with pytest.raises(ConfigError, match=r"run\.save_every_iters: 3 must be a multiple of run\.accum_grad_iters"):
