@@ -262,7 +262,12 @@ def main() -> None:
     chat = load_chat(args.cfg_path, args.options, args.gpu_id, reuse_kv_cache=not args.no_kv_cache, decode=args.decode)
     logger.info("Initialization Finished")
     demo = build_demo(chat, args.concurrency)
-    demo.queue(max_size=args.max_queue).launch(server_name=args.host, server_port=args.port, share=args.share)
+    # quiet: Gradio's own banner would tell a user to edit launch() for the public link --share gives.
+    app, local_url, share_url = demo.queue(max_size=args.max_queue).launch(
+        server_name=args.host, server_port=args.port, share=args.share, quiet=True, prevent_thread_lock=True,
+    )
+    logger.info("the demo is on %s%s", local_url, f" and {share_url}" if share_url else " (--share for a public link too)")
+    demo.block_thread()
 
 
 if __name__ == "__main__":

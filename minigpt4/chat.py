@@ -189,10 +189,14 @@ def chat_loop(
 
 # ---- batch captioning ------------------------------------------------------------------------
 def list_images(folder: Path) -> list[Path]:
+    """The images in ``folder`` and its subfolders (hidden ones left out), in a stable order."""
     from minigpt4.common.cli import existing_folder
 
     existing_folder("--caption-dir", folder)
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def done_images(out_path: Path) -> set[str]:
@@ -226,7 +230,8 @@ def done_images(out_path: Path) -> set[str]:
 
 
 def caption_folder(chat, folder: Path, out_path: Path, prompt: str = DEFAULT_CAPTION_PROMPT, batch_size: int = 8, **generation: Any) -> int:
-    """Caption every image of ``folder`` not yet in ``out_path``; returns how many were written."""
+    """Caption every image of ``folder`` (subfolders included) not yet in ``out_path``; returns how
+    many were written. Each line names its image by its path in ``folder`` (``sub/a.jpg``)."""
     from tqdm import tqdm
 
     from minigpt4.conversation import ImageError, open_image
@@ -237,7 +242,7 @@ def caption_folder(chat, folder: Path, out_path: Path, prompt: str = DEFAULT_CAP
         raise ArgumentError(f"--batch-size: must be at least 1, got {batch_size}")
     done = done_images(out_path)
     images = list_images(folder)
-    todo = [p for p in images if p.name not in done]
+    todo = [p for p in images if p.relative_to(folder).as_posix() not in done]
     logger.info("%d images in %s, %d already captioned, %d to go", len(images), folder, len(images) - len(todo), len(todo))
     written = 0
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +253,7 @@ def caption_folder(chat, folder: Path, out_path: Path, prompt: str = DEFAULT_CAP
             for path in batch:
                 try:
                     images.append(open_image(path))
-                    names.append(path.name)
+                    names.append(path.relative_to(folder).as_posix())
                 except ImageError as err:
                     logger.warning("skipped: %s", err)
             captions = chat.answer_batch(images, prompt, **generation) if images else []
@@ -298,7 +303,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--options", nargs="+", default=[], help="override config settings, key=value (e.g. model.ckpt=...)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--image", nargs="+", type=Path, help="image(s) to chat about, in order")
-    mode.add_argument("--caption-dir", type=Path, help="caption every image in this folder")
+    mode.add_argument("--caption-dir", type=Path, help="caption every image in this folder and its subfolders")
     parser.add_argument("--out", type=Path, help="captions file (JSON lines), appended to and resumed")
     parser.add_argument("--prompt", help=f"question asked of every image when captioning (default: {DEFAULT_CAPTION_PROMPT!r})")
     parser.add_argument("--batch-size", type=int, help="images per generate call when captioning (default: 8)")
@@ -347,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.caption_dir is not None:
             written = caption_folder(chat, args.caption_dir, args.out, args.prompt, args.batch_size, **generation)
-            logger.info("wrote %d captions to %s", written, args.out)
+            logger.info("wrote %d caption%s to %s", written, "" if written == 1 else "s", args.out)
         else:
             chat_loop(chat, args.image, sys.stdin, **generation)
     except KeyboardInterrupt:

@@ -248,12 +248,15 @@ def test_caption_folder_in_process_matches_one_at_a_time(tiny_models, tiny_image
 
     chat = Chat(tiny_models["vicuna0"], Blip2ImageEvalProcessor(224), "cpu", CONV_VISION_Vicuna0)
     folder = tmp_path / "images"
-    folder.mkdir()
-    for path in tiny_images:
-        shutil.copy(path, folder / path.name)
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    for path, place in zip(tiny_images, ["", "sub/", "sub/"]):
+        shutil.copy(path, folder / f"{place}{path.name}")
+    shutil.copy(tiny_images[0], folder / ".hidden" / "skipped.jpg")
     generation = dict(do_sample=False, max_new_tokens=8)
     out = tmp_path / "captions.jsonl"
     assert caption_folder(chat, folder, out, "Describe this image.", batch_size=2, **generation) == 3
+    assert [line["image"] for line in read_captions(out)] == ["img0.jpg", "sub/img1.jpg", "sub/img2.jpg"]  # subfolders too, by their path
     assert caption_folder(chat, folder, out, "Describe this image.", batch_size=2, **generation) == 0
     for line in read_captions(out):
         conv, img_list = chat.new_conversation(), []

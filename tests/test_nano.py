@@ -127,9 +127,15 @@ def test_demo_without_arguments_serves_the_nano_model(smollm2_dir, tmp_path):
             pytest.fail("the demo did not serve its page in 120 s:\n" + (tmp_path / "demo.log").read_text())
         assert "gradio" in page.lower()
         assert "model mini_gpt4 (nano)" in (tmp_path / "demo.log").read_text()
+        deadline = time.time() + 10  # the line comes once the server is up
+        while f"the demo is on http://127.0.0.1:{port}/ (--share for a public link too)" not in (tmp_path / "demo.log").read_text():
+            assert time.time() < deadline, (tmp_path / "demo.log").read_text()
+            time.sleep(0.2)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    text = (tmp_path / "demo.log").read_text()
+    assert "launch()" not in text and "Traceback" not in text  # no banner telling the user to edit code
 
 
 @pytest.mark.e2e

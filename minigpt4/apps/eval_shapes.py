@@ -377,7 +377,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logger.info("renderer: %s", json.dumps(result["renderer"]))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
+    sys.stderr.write(summary(result) + "\n")
     return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The figures the README quotes, one per line (the JSON on stdout holds them all, with examples)."""
+    def pct(value: float) -> str:
+        return f"{100 * value:.0f}%"
+
+    lines = []
+    single = result.get("single")
+    if single:
+        lines.append(f"one question a scene ({single['scenes']} scenes): exact {pct(single['exact_scene_accuracy'])}, "
+                     f"counting {pct(single['counting_accuracy'])}, colour {pct(single['colour_accuracy'])}")
+    chat = result.get("conversation")
+    if chat:
+        follow = ", ".join(f"{kind} {pct(f['accuracy'])} of {f['questions']}" for kind, f in chat["follow_ups"].items() if kind != "all")
+        lines.append(f"{chat['turns']}-turn chat ({chat['scenes']} scenes): turn 1 exact {pct(chat['first_turn_exact_scene']['accuracy'])}; "
+                     f"follow-ups {pct(chat['follow_ups']['all']['accuracy'])} ({follow})")
+    renderer = result.get("renderer")
+    if renderer:
+        lines.append(f"another renderer ({renderer['scenes']} scenes): exact {pct(renderer['exact_scene']['accuracy'])}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

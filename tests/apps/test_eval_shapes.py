@@ -259,12 +259,23 @@ def test_cli_keeps_the_single_protocol_keys_on_top(monkeypatch, capsys):
     single = {"scenes": 2, "seed": 1, "exact_scene_accuracy": 0.5, "counting_accuracy": 1.0, "colour_accuracy": 0.0, "examples": []}
     monkeypatch.setattr("minigpt4.chat.load_chat", lambda *args, **kwargs: "chat")
     monkeypatch.setattr(eval_shapes, "evaluate", lambda chat, n, *args: dict(single, scenes=n))
-    monkeypatch.setattr(eval_shapes, "evaluate_conversations", lambda chat, n, *args: {"scenes": n})
-    monkeypatch.setattr(eval_shapes, "evaluate_renderer", lambda chat, n, *args: {"scenes": n})
+    conversation = {"turns": 4, "first_turn_exact_scene": {"accuracy": 1.0, "questions": 2},
+                    "follow_ups": {"all": {"accuracy": 0.75, "questions": 4}, "colour": {"accuracy": 0.5, "questions": 2},
+                                   "yes/no": {"accuracy": 1.0, "questions": 2}}}
+    renderer = {"exact_scene": {"accuracy": 0.5, "questions": 2}}
+    monkeypatch.setattr(eval_shapes, "evaluate_conversations", lambda chat, n, *args: dict(conversation, scenes=n))
+    monkeypatch.setattr(eval_shapes, "evaluate_renderer", lambda chat, n, *args: dict(renderer, scenes=n))
     result = eval_shapes.main(["-n", "2"])
-    assert json.loads(capsys.readouterr().out) == result
-    assert result == {**single, "single": single, "conversation": {"scenes": 2}, "renderer": {"scenes": 2}}
-    assert eval_shapes.main(["-n", "3", "--protocol", "renderer"]) == {"renderer": {"scenes": 3}}
+    printed = capsys.readouterr()
+    assert json.loads(printed.out) == result
+    assert result == {**single, "single": single, "conversation": dict(conversation, scenes=2), "renderer": dict(renderer, scenes=2)}
+    # The figures the README quotes, readable, after the JSON.
+    assert printed.err.splitlines()[-3:] == [
+        "one question a scene (2 scenes): exact 50%, counting 100%, colour 0%",
+        "4-turn chat (2 scenes): turn 1 exact 100%; follow-ups 75% (colour 50% of 2, yes/no 100% of 2)",
+        "another renderer (2 scenes): exact 50%",
+    ]
+    assert eval_shapes.main(["-n", "3", "--protocol", "renderer"]) == {"renderer": dict(renderer, scenes=3)}
 
 
 @pytest.mark.parametrize("flags, message", [(["-n", "0"], "--num-scenes: must be at least 1, got 0"),

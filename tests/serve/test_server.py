@@ -149,8 +149,9 @@ def bad_requests(server_port: int) -> dict[str, tuple[dict, int, str, str]]:
         "system message": (dict(messages=[{"role": "system", "content": "Be brief."}] + ask_about(small)), 400, "system messages are not supported", "unsupported_value"),
         "ends with the assistant": (dict(messages=ask_about(small) + [{"role": "assistant", "content": "a red square."}]), 400, "the last message must be the user's", "invalid_value"),
         "image placeholder in text": (dict(messages=[{"role": "user", "content": "What is in <ImageHere>?"}]), 400, "is reserved for where images go", "invalid_value"),
-        "temperature out of range": (dict(temperature=5), 422, "temperature", "invalid_value"),
-        "seed over 64 bits": (dict(seed=2**64, temperature=0), 422, "seed", "invalid_value"),
+        "temperature out of range": (dict(temperature=5), 400, "temperature", "invalid_value"),
+        "max_tokens not a number": (dict(max_tokens="abc"), 400, "max_tokens", "invalid_value"),
+        "seed over 64 bits": (dict(seed=2**64, temperature=0), 400, "seed", "invalid_value"),
         "stop too long": (dict(stop=["x" * 300]), 400, "at most 256 characters", "invalid_value"),
         "logprobs": (dict(logprobs=True), 400, "logprobs: not supported", "unsupported_parameter"),
         "tools": (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "tools: not supported", "unsupported_parameter"),
@@ -167,6 +168,7 @@ def test_bad_requests_get_their_status_and_openais_error_shape(client, server, n
         client.chat.completions.create(**request)
     error = caught.value
     assert error.status_code == status, error.body
+    assert isinstance(error, openai.BadRequestError) == (status == 400)  # what a client catches for a request it must fix
     assert message in error.body["message"] and error.body["code"] == code
     assert error.body["type"] == "invalid_request_error" and "param" in error.body
 
@@ -182,7 +184,7 @@ def raw_post(server, body: bytes | str, key: str | None = API_KEY) -> httpx.Resp
         ("missing key", 401, "Missing API key"),
         ("wrong key", 401, "Incorrect API key"),
         ("malformed JSON", 400, "not valid JSON"),
-        ("no messages", 422, "messages"),
+        ("no messages", 400, "messages"),
         ("huge body", 413, "request body is over"),
         ("huge body, no key", 401, "Missing API key"),  # the key is checked before the body is kept
         ("JSON nested too deeply", 400, "nests too deeply"),

@@ -27,7 +27,9 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from minigpt4.common.cli import add_gpu_id, port
 
-    parser = argparse.ArgumentParser(prog="python -m minigpt4.apps.serve", description=__doc__.split("\n\n")[0])
+    # As the user typed it: the minigpt4-serve script, or python -m (whose argv[0] is this file).
+    prog = "python -m minigpt4.apps.serve" if sys.argv[0].endswith("__main__.py") else None
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--cfg-path", default=str(DEFAULT_CFG), help="evaluation config (default: the nano model)")
     parser.add_argument("--options", nargs="+", default=[], help="override config settings, key=value")
     add_gpu_id(parser, "GPU for the model (the hf engine) or the vision side (vllm)")

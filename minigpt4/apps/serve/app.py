@@ -84,7 +84,8 @@ class Service:
             first = err.errors()[0]
             # loc holds pydantic's union tags too ("tagged-union[...]"): keep the field path only.
             param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"] if isinstance(p, int) or "[" not in str(p)).lstrip(".") or None
-            raise APIError(422, f"{param or 'body'}: {first['msg']}", param, "invalid_value") from None
+            # 400, as OpenAI answers a request it cannot take (clients raise BadRequestError for it).
+            raise APIError(400, f"{param or 'body'}: {first['msg']}", param, "invalid_value") from None
         if request.model != self.settings.model_name:
             raise APIError(404, f"The model '{request.model}' does not exist; this server serves '{self.settings.model_name}'.", "model", "model_not_found")
         if request.n != 1:

@@ -93,7 +93,7 @@ class APIError(Exception):
     """A request that fails with ``status`` and OpenAI's error body."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+             413: "invalid_request_error", 429: "rate_limit_error",
              500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
