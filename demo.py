@@ -20,7 +20,7 @@ import gradio as gr
 from PIL import Image
 
 from minigpt4.chat import DEFAULT_CFG, load_chat
-from minigpt4.common.cli import add_gpu_id, existing_file, free_port_for, port
+from minigpt4.common.cli import add_gpu_id, existing_file, free_port_for, port_number
 from minigpt4.conversation import IMAGE_MESSAGE, Chat, Conversation, ImageError, open_image
 from minigpt4.conversation.engines import DECODES
 
@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     add_gpu_id(parser)
     parser.add_argument("--options", nargs="+", default=[], help="override config settings, key=value (e.g. model.ckpt=...)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=port, default=7860, help="port to listen on (default: 7860)")
+    parser.add_argument("--port", type=port_number, default=7860, help="port to listen on (default: 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--concurrency", type=int, default=1, help="how many uploads/answers may use the model at once")
     parser.add_argument("--max-queue", type=int, default=64, help="events waiting in the queue before new ones are refused (default: 64)")
@@ -266,7 +266,12 @@ def main() -> None:
     app, local_url, share_url = demo.queue(max_size=args.max_queue).launch(
         server_name=args.host, server_port=args.port, share=args.share, quiet=True, prevent_thread_lock=True,
     )
-    logger.info("the demo is on %s%s", local_url, f" and {share_url}" if share_url else " (--share for a public link too)")
+    if share_url:
+        logger.info("the demo is on %s and %s", local_url, share_url)
+    elif args.share:
+        logger.warning("the demo is on %s; the public link could not be made (see Gradio's message above)", local_url)
+    else:
+        logger.info("the demo is on %s (--share for a public link too)", local_url)
     demo.block_thread()
 
 

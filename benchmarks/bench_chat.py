@@ -404,13 +404,14 @@ def run_static_decode(args, chat: Chat, image: Image.Image) -> dict[str, Any]:
     loop = functools.partial(decode, stop=stops, steps_per_sync=args.steps_per_sync, compile=compiled)
     streamed = functools.partial(stream_decode, stop=stops, steps_per_sync=args.steps_per_sync, compile=compiled)
 
-    # One cache size for every call below (turn 1, turn 2, the greedy check, the profile): turn 2
+    # One cache size for every call below (turn 1, turn 2, the greedy check, the profile: the size
+    # holds the largest of them): turn 2
     # finds turn 1's positions in the cache it decodes with, and every call replays the graphs
     # captured once for that size. (A chat's engine sizes its cache by each turn's context and
     # max_new_tokens, a power of two, and meets a larger size as the conversation grows: each new
     # size is one more compilation, which a benchmark bounded in time cannot afford at 7B. The
-    # size here is the larger of turn 1's and turn 2's: turn 1 attends over more unfilled
-    # positions than its own bucket would have, so its rate is, if anything, understated.)
+    # size holds turn 2 at least: turn 1 attends over more unfilled positions than its own
+    # bucket would have, so its rate is, if anything, understated.)
     positions = cache_length(embeds.shape[1] + max(2 * n + 64, args.greedy_check_tokens, args.profile_tokens))
 
     def decode_with(context: torch.Tensor, tokens: int) -> list[int]:
@@ -911,7 +912,10 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 def progress(partial: dict[str, Any], quant: str = quant, mode: str = mode) -> None:
                     runs[quant][mode] = {**partial, "unfinished": True}
-                    common.save_results(name, record(finished=False), args.out)
+                    try:
+                        common.save_results(name, record(finished=False), args.out)
+                    except Exception:  # a save that fails must not fail the mode it saves
+                        logger.exception("saving the record so far failed")
 
                 try:
                     runs[quant][mode] = run_mode(args, mode, quant, llm_folder, weights_folder, device, bandwidth, progress)

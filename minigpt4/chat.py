@@ -61,7 +61,9 @@ def load_chat(
     from minigpt4.common.config import Config, ConfigError
     from minigpt4.common.registry import registry
     from minigpt4.conversation import Chat, conv_template_for
+    from minigpt4.conversation.decode import generate_top_k
     from minigpt4.conversation.engines import EngineMismatch, EngineUnavailable, VLLMEngine
+    from minigpt4.models.base_model import checkpoint_entries
     from minigpt4.models.llm import lora_fingerprint
 
     if engine not in ENGINES:
@@ -90,13 +92,14 @@ def load_chat(
     device = pick_device(gpu_id)
     if device.type == "cpu" and model_cfg.vit_precision != "fp32":
         # Said before the model loads; the CPU runs without autocast (as the original).
-        raise ConfigError(f"model.vit_precision: {model_cfg.vit_precision} runs only on a GPU (the CPU runs without autocast); "
+        raise ConfigError(f"model.vit_precision: {model_cfg.vit_precision} needs autocast, which a chat on the CPU runs without; "
                           "set vit_precision: fp32 to run on the CPU (--options model.vit_precision=fp32)")
     model_cfg.device_8bit = gpu_id or 0  # the 8-bit LLM is placed on the same GPU, as the original demo
     model = registry.get_model_class(model_cfg.arch).from_config(model_cfg).eval()
     if "llama_proj.weight" not in getattr(model, "checkpoint_keys", set()):
         # The one layer MiniGPT-4 trains: at its random start the chat would answer nonsense, without an error.
-        where = f"none of '{model_cfg.ckpt}'" if model_cfg.get("ckpt") else "model.ckpt is not set, so nothing"
+        given = [path for _, path in checkpoint_entries(model_cfg.get("ckpt"))]
+        where = f"none of {', '.join(repr(p) for p in given)}" if given else "model.ckpt is not set, so nothing"
         raise ConfigError(f"model.ckpt: {where} gives the projection llama_proj; set model.ckpt to a trained MiniGPT-4 "
                           "checkpoint (stage 1 or stage 2, e.g. the released pretrained_minigpt4_7b.pth)")
     if model_cfg.get("low_resource") or model_cfg.get("load_in_4bit"):
@@ -114,7 +117,8 @@ def load_chat(
     # vLLM knows EOS from the model folder; the template's stop text (Vicuna's ###) goes with each request.
     llm_engine = None
     if engine == "vllm":
-        llm_engine = VLLMEngine(engine_url, stop=[template.stop_str or ""], lora_fingerprint=lora_fingerprint(model.llama_model))
+        llm_engine = VLLMEngine(engine_url, stop=[template.stop_str or ""], lora_fingerprint=lora_fingerprint(model.llama_model),
+                                top_k=generate_top_k(model.llama_model.generation_config))
         try:
             llm_engine.model_name()  # a server running the wrong LLM is an error now, not wrong answers later
         except EngineMismatch as err:

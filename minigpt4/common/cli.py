@@ -54,7 +54,7 @@ def writable_file(flag: str, path: str | Path) -> Path:
     return path
 
 
-def port(text: str) -> int:
+def port_number(text: str) -> int:
     """An argparse ``type``: a TCP port to listen on, 1 to 65535."""
     try:
         value = int(text)
@@ -87,6 +87,7 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def free_port_for(host: str, port: int) -> None:
+    """Refuse ``--port`` when ``host:port`` is taken: said before a model loads, not after."""
     if not port_is_free(host, port):
         raise ArgumentError(f"--port: {host}:{port} is in use; pick another with --port")
 

@@ -198,7 +198,7 @@ def _check_values(section: str, cfg: DictConfig) -> None:
         raise ConfigError(f"run.save_every_iters: {cfg.save_every_iters} must be a multiple of run.accum_grad_iters ({cfg.accum_grad_iters})")
 
 
-def _mapping(where: str, value: Any, in_file: str | None = None) -> None:
+def _require_mapping(where: str, value: Any, in_file: str | None = None) -> None:
     """Refuse a config value that should be a section of keys (a mapping) but is not."""
     if not isinstance(value, DictConfig):
         shown = OmegaConf.to_yaml(value).strip()[:80] if OmegaConf.is_config(value) else value
@@ -289,7 +289,7 @@ def _check_dataset_keys(name: str, section: DictConfig, defaults: DictConfig) ->
     info, known = section.get("build_info"), defaults.get("build_info") or {}
     if info is None:
         return
-    _mapping(f"datasets.{name}.build_info", info)
+    _require_mapping(f"datasets.{name}.build_info", info)
     for key in info:
         if key not in known:
             raise ConfigError(f"datasets.{name}.build_info.{key}: unknown key (known keys: {', '.join(known)})")
@@ -313,7 +313,7 @@ class Config:
             if user[name] is None:  # a section whose keys are all commented out
                 user[name] = {}
             else:
-                _mapping(name, user[name], in_file=cfg_path)
+                _require_mapping(name, user[name], in_file=cfg_path)
 
         env = _load_yaml(Path(registry.get_path("library_root")) / "configs" / "default.yaml", "configs/default.yaml")
         model, preprocess, generation = self._build_model_config(user)
@@ -373,7 +373,7 @@ class Config:
             except RegistryError as err:
                 raise ConfigError(f"datasets.{name}: {err}") from None
             section = OmegaConf.create() if section is None else section
-            _mapping(f"datasets.{name}", section)
+            _require_mapping(f"datasets.{name}", section)
             config_type = section.get("type", "default")
             try:
                 path = builder_cls.default_config_path(config_type)

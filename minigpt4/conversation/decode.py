@@ -82,19 +82,24 @@ def generate_top_k(generation_config: GenerationConfig | None) -> int:
     return int(defaults()["top_k"]) if defaults is not None else 50
 
 
-def pick(logits: torch.Tensor, noise: torch.Tensor | None, temperature: torch.Tensor, top_p: torch.Tensor, top_k: int = 0) -> torch.Tensor:
+def pick(logits: torch.Tensor, noise: torch.Tensor | None, temperature: torch.Tensor, top_p: torch.Tensor,
+         top_k: torch.Tensor | int = 0) -> torch.Tensor:
     """(B,) next tokens from (B, V) logits: argmax when ``noise`` is None, else a sample after
-    temperature, top-k (``top_k`` > 0) and top-p, as ``generate`` filters."""
+    temperature, top-k (``top_k`` > 0) and top-p, as ``generate`` filters. ``top_k`` may be a
+    device tensor: one captured graph then serves every value."""
     if noise is None:
         return logits.argmax(-1)
     scores = logits.float() / temperature
-    if top_k > 0:
-        # transformers' TopKLogitsWarper: keep the scores at least the k-th largest (ties kept).
-        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, -float("inf"))
-    # transformers' TopPLogitsWarper: drop the least likely tokens whose total stays <= 1 - top_p.
     sorted_scores, order = scores.sort(-1)
-    drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
+    # transformers' TopKLogitsWarper: keep the scores at least the k-th largest (ties kept). In the
+    # ascending sort that one is at V - k; k = 0 (no filter) reads index 0, the smallest: nothing is below it.
+    vocab = scores.shape[-1]
+    top_k = torch.as_tensor(top_k, device=scores.device)
+    kth = sorted_scores.gather(-1, ((vocab - top_k.clamp(max=vocab)) % vocab).view(1, 1).expand(scores.shape[0], 1))
+    below_k = sorted_scores < kth
+    sorted_scores = sorted_scores.masked_fill(below_k, -float("inf"))
+    # transformers' TopPLogitsWarper, on what top-k kept: drop the least likely tokens whose total stays <= 1 - top_p.
+    drop = below_k | (sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p)
     drop[..., -1] = False
     scores = scores.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
     return (scores.softmax(-1) / noise).argmax(-1)
@@ -146,7 +151,7 @@ def prefill_length(positions: int) -> int | None:
 
 
 def decode_one_token(llm, cache: StaticCache, tokens, written, count, done, window, stop, noise, temperature, top_p,
-                     mask=None, lengths=None, top_k: int = 0) -> None:
+                     mask=None, lengths=None, top_k: torch.Tensor | int = 0) -> None:
     """One step, all on the device and in place: what one CUDA graph replays. Left-padded rows:
     ``mask`` (B, cache size) zero on the padding, ``lengths`` (B,) each row's own context length."""
     last = tokens.index_select(1, written - 1)  # (B, 1)
@@ -213,6 +218,7 @@ class _Buffers:
         self.count = torch.zeros(rows, dtype=torch.long, device=device)
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.temperature, self.top_p = (torch.ones((), device=device) for _ in range(2))
+        self.top_k = torch.zeros((), dtype=torch.long, device=device)
         pin = device.type == "cuda"
         self.host_tokens = torch.zeros(rows, length, dtype=torch.long, pin_memory=pin)
         self.host_state = torch.zeros(2, rows, dtype=torch.long, pin_memory=pin)
@@ -226,7 +232,7 @@ class _Buffers:
         self.held: torch.Tensor | None = None
         self.reused = 0  # positions the last answer took from the cache instead of prefilling them
         self.answers = 0  # answers begun on these buffers: only the latest may say what the cache holds
-        for t in (self.tokens, self.written, self.count, self.done, self.temperature, self.top_p):
+        for t in (self.tokens, self.written, self.count, self.done, self.temperature, self.top_p, self.top_k):
             torch._dynamo.mark_static_address(t)
 
     def keep(self, inputs_embeds: torch.Tensor) -> int:
@@ -414,6 +420,7 @@ def stream_decode_rows(
     if do_sample:
         b.temperature.fill_(temperature)
         b.top_p.fill_(top_p)
+        b.top_k.fill_(top_k)
         vocab = llm.get_output_embeddings().weight.shape[0]
         noise = b.static("noise", torch.empty(steps_per_sync, rows, vocab, device=device))
     step = compiled_step() if compile else decode_one_token
@@ -438,7 +445,7 @@ def stream_decode_rows(
     logits = run_prefill(llm, b, inputs_embeds[:, keep:], compile, mask, lengths)
     if suppress_first:
         logits[:, list(suppress_first)] = -float("inf")
-    record(pick(logits, None if noise is None else noise[0], b.temperature, b.top_p, top_k if do_sample else 0), *state)
+    record(pick(logits, None if noise is None else noise[0], b.temperature, b.top_p, b.top_k), *state)
     written, emitted = 1, [0] * rows
     try:
         chunks, done = read(1, emitted)
@@ -451,7 +458,7 @@ def stream_decode_rows(
                     draw(written + i)
                     if compile:
                         torch.compiler.cudagraph_mark_step_begin()  # nothing of the last replay is kept
-                    step(llm, b.cache, *state, noise, b.temperature, b.top_p, mask, lengths, top_k if do_sample else 0)
+                    step(llm, b.cache, *state, noise, b.temperature, b.top_p, mask, lengths, b.top_k)
             written += steps
             chunks, done = read(written, emitted)
             emitted = [sent + len(chunk) for sent, chunk in zip(emitted, chunks)]

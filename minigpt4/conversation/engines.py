@@ -670,7 +670,7 @@ class VLLMEngine(Engine):
     name = "vllm"
 
     def __init__(self, url: str, stop: Sequence[str] = (), model: str | None = None, timeout: float = 600.0,
-                 max_connections: int = 256, lora_fingerprint: str | None = None):
+                 max_connections: int = 256, lora_fingerprint: str | None = None, top_k: int | None = None):
         import httpx  # the serve extra's; only this engine needs it
 
         self.url = url.rstrip("/").removesuffix("/v1")
@@ -678,6 +678,9 @@ class VLLMEngine(Engine):
         self._model = model
         # A model with LoRA: the server must run the folder `export --llm-out` wrote (its marker holds this).
         self.lora_fingerprint = lora_fingerprint
+        # The top-k a sampled request gets when it sets none: generate's for this LLM (its generation
+        # config's, else transformers' 50); vLLM's own default is no top-k.
+        self.top_k = generate_top_k(None) if top_k is None else top_k
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), limits=limits)
         self._httpx = httpx
@@ -757,10 +760,9 @@ class VLLMEngine(Engine):
         if request.seed is not None:
             payload["seed"] = request.seed
         if sampling.do_sample:
-            # generate samples with top_k=50 unless told otherwise (so did the original's demo);
-            # vLLM's default is no top-k. 0 turns it off in both.
+            # generate's top-k unless the request sets one (0 turns it off in both).
             top_k = request.options.get("top_k")
-            payload["top_k"] = generate_top_k(None) if top_k is None else int(top_k)
+            payload["top_k"] = self.top_k if top_k is None else int(top_k)
         payload.update(self._options(request.options))
         return payload
 

@@ -253,7 +253,7 @@ class ResumableLoader:
                 f"this run has {self.stream.num_workers}; resuming exactly needs the same value"
             )
         saved = state.get("shards")
-        if self.stream.is_stream and saved is not None and saved != shard_list_digest(self.stream.dataset.shards):
+        if self.stream.is_stream and self.stream.rank == 0 and saved is not None and saved != shard_list_digest(self.stream.dataset.shards):
             # The stream draws its shards by position in this list: another list replays other samples.
             logger.warning("%s: the shards are not those the checkpoint read (%d then, %d now): the resumed run reads "
                            "other samples than an uninterrupted one would", self.stream.dataset.location, saved["count"],
@@ -266,8 +266,10 @@ class ResumableLoader:
 
 
 def shard_list_digest(shards: Sequence[str]) -> dict[str, Any]:
-    """What identifies a shard list in a checkpoint: its length and a hash of its paths in order."""
-    return {"count": len(shards), "sha256": hashlib.sha256("\n".join(map(str, shards)).encode()).hexdigest()[:16]}
+    """What identifies a shard list in a checkpoint: its length and a hash of its file names in
+    order (the names alone: the same shards moved to another folder are the same stream)."""
+    names = "\n".join(str(shard).replace("\\", "/").rsplit("/", 1)[-1] for shard in shards)
+    return {"count": len(shards), "sha256": hashlib.sha256(names.encode()).hexdigest()[:16]}
 
 
 class MultiIterLoader:
@@ -285,6 +287,8 @@ class MultiIterLoader:
         self.loaders = list(loaders)
         # The datasets' names in the config's order: a draw picks by position, so a resume needs the same order.
         self.names = list(names) if names is not None else [str(i) for i in range(len(loaders))]
+        if len(self.names) != len(self.loaders):
+            raise ValueError(f"names: {len(self.names)} for {len(self.loaders)} loaders")
         self.ratios = ratios
         self.seed = seed
         self.rank = rank
@@ -311,8 +315,9 @@ class MultiIterLoader:
             raise DatasetError(f"datasets: the checkpoint mixed {len(state['loaders'])} datasets, this config has {len(self.loaders)}")
         saved = state.get("names")  # checkpoints before the names were kept: by position, as written
         if saved is not None and list(saved) != self.names:
+            how = "in this order" if sorted(saved) == sorted(self.names) else "(other datasets)"
             raise DatasetError(
-                f"datasets: the checkpoint mixed {', '.join(saved)} in this order, this config lists {', '.join(self.names)}; "
+                f"datasets: the checkpoint mixed {', '.join(saved)} {how}, this config lists {', '.join(self.names)}; "
                 "an exact resume needs the checkpoint's datasets in its order"
             )
         self.step = int(state["step"])

@@ -19,6 +19,14 @@ logger = logging.getLogger(__name__)
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def checkpoint_entries(ckpt: str | Sequence[str] | None) -> list[tuple[str, str]]:
+    """``model.ckpt`` as (config key, path) pairs: one file, a list of them, or none (empty or unset,
+    as the original's ``if ckpt_path:``)."""
+    paths = [ckpt] if isinstance(ckpt, str) else list(ckpt or [])
+    paths = [str(p) for p in paths if p]
+    return [("model.ckpt" if len(paths) == 1 else f"model.ckpt[{i}]", p) for i, p in enumerate(paths)]
+
+
 class BaseModel(nn.Module):
     PRETRAINED_MODEL_CONFIG_DICT: dict[str, str] = {}
 
@@ -56,9 +64,8 @@ class BaseModel(nn.Module):
         key_map: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         """``model.ckpt``: one checkpoint, or a list loaded in order (a later file's tensors win)."""
-        ckpts = [ckpt] if isinstance(ckpt, str) else list(ckpt)
-        for i, path in enumerate(ckpts):
-            self.load_checkpoint(path, "model.ckpt" if len(ckpts) == 1 else f"model.ckpt[{i}]", key_map=key_map)
+        for key, path in checkpoint_entries(ckpt):
+            self.load_checkpoint(path, key, key_map=key_map)
 
     def load_checkpoint(
         self,
@@ -105,15 +112,16 @@ class BaseModel(nn.Module):
 
 
 def check_cpu_precision(model: nn.Module, llm: bool = True) -> None:
-    """The CPU runs without autocast (as the original): an fp16 or bf16 ViT, or (to train) LLM,
-    meets fp32 inputs there and fails deep in torch. Said here, by the key that sets it."""
+    """Without autocast (a chat on the CPU, as the original; training without run.amp) an fp16 or
+    bf16 ViT, or (to train) LLM, meets fp32 inputs and fails deep in torch. Said here, by the key
+    that sets it; callers skip it where the CPU autocasts."""
     vit = getattr(model, "visual_encoder", None)
     if vit is not None and (dtype := vit.patch_embed.proj.weight.dtype) != torch.float32:
         name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
-        raise ConfigError(f"model.vit_precision: {name} runs only on a GPU (the CPU runs without autocast); set vit_precision: fp32 to run on the CPU")
+        raise ConfigError(f"model.vit_precision: {name} needs autocast, which the CPU runs without here; set vit_precision: fp32 to run on the CPU")
     language = getattr(model, "llama_model", None) if llm else None
     if language is not None and not getattr(model, "low_resource", False):
         dtype = next(language.parameters()).dtype
         if dtype in (torch.float16, torch.bfloat16):
-            raise ConfigError(f"model.torch_dtype: {str(dtype).removeprefix('torch.')} trains only on a GPU (the CPU runs without "
-                              "autocast); set model.torch_dtype: float32 to train on the CPU")
+            raise ConfigError(f"model.torch_dtype: {str(dtype).removeprefix('torch.')} needs autocast to train, which the CPU "
+                              "runs without here (run.amp off); set model.torch_dtype: float32 to train on the CPU")

@@ -20,7 +20,7 @@ from minigpt4.common.config import ConfigError, model_config
 from minigpt4.common.feature_cache import vision_fingerprint
 from minigpt4.common.registry import registry
 from minigpt4.common.utils import get_abs_path, load_state_dict_file, resolve_file, unwrap_state_dict
-from minigpt4.models.base_model import BaseModel, check_cpu_precision
+from minigpt4.models.base_model import BaseModel, check_cpu_precision, checkpoint_entries
 from minigpt4.models.eva_vit import VIT_PRECISIONS, build_eva_vit, convert_weights, eva_vit_key_map
 from minigpt4.models.qformer import build_qformer, qformer_key, qformer_key_map
 from minigpt4.prompts import IMAGE_PLACEHOLDER, load_prompt_list, template_head
@@ -296,7 +296,7 @@ class MiniGPT4(BaseModel):
             self.visual_encoder.to("cpu").float()
             self.ln_vision.to("cpu").float()
             image = image.to("cpu")
-        if image.device.type == "cpu":
+        if image.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
             check_cpu_precision(self, llm=False)
         with self.maybe_autocast(self.autocast_dtype):
             image_embeds = self.ln_vision(self.visual_encoder.forward_features(image)).to(device)
@@ -461,8 +461,9 @@ class MiniGPT4(BaseModel):
         if self.pack_sequences:
             inputs_embeds, position_ids, labels = pack_rows(inputs_embeds, attention_mask, labels)
             attention_mask = None  # transformers reads where each sample starts from position_ids
-        # use_cache=False: the frozen LLM is in eval mode, where transformers would otherwise keep a
-        # KV cache, and with a cache it ignores the sample bounds in position_ids.
+        # use_cache=False: a loss needs no KV cache, which transformers would otherwise keep (always
+        # for an LLM without adapters, frozen in eval mode), and with a cache it ignores the sample
+        # bounds in position_ids.
         llm_inputs = dict(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True
         )
@@ -498,8 +499,7 @@ class MiniGPT4(BaseModel):
         # Then what else is cheap to check: a missing checkpoint or a quantized LLM without a GPU
         # is said before the vision weights download and before the LLM loads (minutes, at 7B).
         check_quantization(cfg)
-        ckpts = [cfg.ckpt] if isinstance(cfg.ckpt, str) else list(cfg.ckpt or [])
-        ckpt_files = [str(resolve_file(c, "model.ckpt" if len(ckpts) == 1 else f"model.ckpt[{i}]")) for i, c in enumerate(ckpts)] if load_weights else []
+        ckpt_files = [str(resolve_file(path, key)) for key, path in checkpoint_entries(cfg.ckpt)] if load_weights else []
         visual_encoder, ln_vision, Qformer, query_tokens = build_vision_parts(cfg, load_weights)
         llama_model = load_llm(cfg, load_weights=load_weights)
         model = cls(

@@ -198,7 +198,7 @@ class RunnerBase:
     def _place(self, model: nn.Module) -> nn.Module:
         """The model on its device, compiled and given its feature cache as configured, and
         wrapped in DDP under torchrun (``unwrap_model`` keeps the bare one)."""
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and not self.use_amp:  # under run.amp the CPU autocasts too
             check_cpu_precision(model)
         if not getattr(model, "low_resource", False):  # an 8-bit LLM is already placed
             model.to(self.device)
@@ -519,6 +519,10 @@ class RunnerBase:
         self.train_loader.load_state_dict(ckpt["data_state"][self.dist.rank])
         self._rng_to_restore = ckpt["rng_state"][self.dist.rank]
         params = dict(model.named_parameters())
+        if "pending_grads" not in ckpt and self.start_iter == 0 and self.iters_per_epoch % self.accum_grad_iters:
+            logger.warning("%s: '%s' predates saving the gradients an epoch of %d iterations leaves pending (run.accum_grad_iters %d): "
+                           "the first optimizer step after it differs from an uninterrupted run's", key, path, self.iters_per_epoch,
+                           self.accum_grad_iters)
         for name, grad in (ckpt.get("pending_grads") or [{}] * self.dist.world_size)[self.dist.rank].items():
             params[name].grad = grad.to(device=params[name].device, dtype=params[name].dtype)
         logger.info("resumed from %s at epoch %d iteration %d", path, self.start_epoch, self.start_iter)

@@ -487,6 +487,30 @@ def test_a_long_conversation_compiles_once_per_cache_size_and_never_hits_the_lim
         decode_module._compiled.clear()
 
 
+def test_one_graph_serves_every_top_k(tiny):
+    # top_k is a buffer the step reads, not a constant traced into it: another value is no new
+    # compilation (each would be another capture at 7B). Traced with the eager backend.
+    from torch._dynamo.utils import counters
+
+    llm, embeds, _, _ = tiny
+    decode_module._compiled["step"] = torch.compile(decode_module.decode_one_token, backend="eager", fullgraph=True, dynamic=False)
+    decode_module._compiled["prefill"] = torch.compile(decode_module.prefill_padded, backend="eager", fullgraph=True, dynamic=False)
+    try:
+        sampled = {}
+        for top_k in (1, 1, 5, 40):  # the first call compiles the step, the second the padded prefill (the cache exists)
+            decode_module.forget(llm)
+            sampled[top_k] = decode(llm, embeds, 12, do_sample=True, temperature=3.0, top_k=top_k,
+                                    generator=torch.Generator().manual_seed(0), compile=True)
+            if top_k == 1:
+                counters.clear()  # what the first value compiled; the others must add nothing
+        assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+        decode_module.forget(llm)
+        assert sampled[1] == decode(llm, embeds, 12)  # top-1 sampling is greedy: the value did reach the graph
+        assert sampled[5] != sampled[40]
+    finally:
+        decode_module._compiled.clear()
+
+
 @pytest.mark.slow
 def test_a_follow_ups_prefill_runs_padded_in_the_graph_and_gives_generates_tokens(tiny):
     # compile=True on the CPU, traced with the eager backend: the prefill of a turn's new positions

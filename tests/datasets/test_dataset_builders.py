@@ -176,6 +176,12 @@ def test_a_resume_over_other_shards_says_it_reads_other_samples(tmp_path, caplog
     with caplog.at_level(logging.WARNING):
         ResumableLoader(BatchStream(before, 2, seed=1)).load_state_dict(state)
     assert "not those the checkpoint read" not in caplog.text
+    (tmp_path / "s").rename(tmp_path / "moved")  # the same shards in another folder: the same stream
+    moved = build("laion", build_info={"storage": str(tmp_path / "moved")}, **PROCESSORS)
+    with caplog.at_level(logging.WARNING):
+        ResumableLoader(BatchStream(moved, 2, seed=1)).load_state_dict(state)
+    assert "not those the checkpoint read" not in caplog.text
+    (tmp_path / "moved").rename(tmp_path / "s")
     write_shards(tmp_path / "s", 3, 4)
     after = build("laion", build_info={"storage": str(tmp_path / "s")}, **PROCESSORS)
     with caplog.at_level(logging.WARNING):

@@ -81,7 +81,7 @@ def test_cached_file_is_used_without_a_download(tmp_path, tmp_cache):
 
 def test_fp16_vit_on_cpu_is_a_clear_error():
     model = MiniGPT4.from_config(tiny_model_section(vit_precision="fp16"))
-    with pytest.raises(ConfigError, match="vit_precision: fp16 runs only on a GPU"):
+    with pytest.raises(ConfigError, match="vit_precision: fp16 needs autocast, which the CPU runs without here"):
         model.encode_img(torch.zeros(1, 3, 224, 224))
 
 
@@ -89,11 +89,11 @@ def test_half_precision_on_the_cpu_is_named_before_it_fails_in_torch():
     from minigpt4.models.base_model import check_cpu_precision
 
     bf16 = MiniGPT4.from_config(tiny_model_section(vit_precision="bf16"))
-    with pytest.raises(ConfigError, match=r"model\.vit_precision: bf16 runs only on a GPU .* set vit_precision: fp32"):
+    with pytest.raises(ConfigError, match=r"model\.vit_precision: bf16 needs autocast, which the CPU runs without here; set vit_precision: fp32"):
         bf16.encode_img(torch.zeros(1, 3, 224, 224))
     fp16_llm = MiniGPT4.from_config(tiny_model_section(torch_dtype="float16"))
     check_cpu_precision(fp16_llm, llm=False)  # a chat casts its inputs to the LLM's dtype: it runs
-    with pytest.raises(ConfigError, match=r"model\.torch_dtype: float16 trains only on a GPU .* set model\.torch_dtype: float32"):
+    with pytest.raises(ConfigError, match=r"model\.torch_dtype: float16 needs autocast to train, which the CPU runs without here .* set model\.torch_dtype: float32"):
         check_cpu_precision(fp16_llm)  # what the runner checks before training on the CPU
 
 
@@ -231,5 +231,11 @@ def test_a_chat_config_that_cannot_run_here_is_said_before_the_model_loads(write
         load_chat(write_yaml({"model": tiny_model_section(), "preprocess": processor}, "sizes.yaml"))
     if not torch.cuda.is_available():
         processor["vis_processor"]["eval"]["image_size"] = 224
-        with pytest.raises(ConfigError, match=r"model\.vit_precision: fp16 runs only on a GPU .*--options model\.vit_precision=fp32"):
+        with pytest.raises(ConfigError, match=r"model\.vit_precision: fp16 needs autocast, which a chat on the CPU runs without; .*--options model\.vit_precision=fp32"):
             load_chat(write_yaml({"model": tiny_model_section(vit_precision="fp16"), "preprocess": processor}, "fp16.yaml"))
+
+
+def test_an_empty_ckpt_loads_nothing_as_the_original():
+    # The original's `if ckpt_path:`: an empty value (`--options model.ckpt=`) means no checkpoint.
+    model = MiniGPT4.from_config(tiny_model_section(ckpt=""))
+    assert not getattr(model, "checkpoint_keys", set())

@@ -225,6 +225,9 @@ def test_vllm_engine_sends_prompt_embeds_and_reads_token_ids(stand_in):
         engine.generate(GenerationRequest(embeds, Sampling(4, do_sample=True, temperature=0.8, top_p=0.9), options=options))
         sent = stand_in.payloads[-1]
         assert (sent["top_k"], sent["temperature"], sent["top_p"]) == (top_k, 0.8, 0.9), options
+    own = VLLMEngine(f"http://127.0.0.1:{stand_in.server_address[1]}", top_k=20)  # the LLM's generation config says 20
+    own.generate(GenerationRequest(embeds, Sampling(4, do_sample=True)))
+    assert stand_in.payloads[-1]["top_k"] == 20
     with pytest.raises(EngineRequestError, match="beam search"):
         engine.generate(GenerationRequest(embeds, Sampling(4), options={"num_beams": 3}))
     with pytest.raises(EngineRequestError, match="cannot apply the generate option 'logits_processor'"):

@@ -25,7 +25,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from minigpt4.common.cli import add_gpu_id, port
+    from minigpt4.common.cli import add_gpu_id, port_number
 
     # As the user typed it: the minigpt4-serve script, or python -m (whose argv[0] is this file).
     prog = "python -m minigpt4.apps.serve" if sys.argv[0].endswith("__main__.py") else None
@@ -39,7 +39,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="the hf engine's way of writing a request that runs alone: transformers generate, or our "
                              "static-cache loop (its step one CUDA graph on a GPU); concurrent requests batched together use generate")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    parser.add_argument("--port", type=port, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument("--model-name", help="the model id clients name (default: minigpt4-<model_type>, e.g. minigpt4-nano)")
     security = parser.add_argument_group("security and limits")
     security.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: MINIGPT4_API_KEY, else none)")
