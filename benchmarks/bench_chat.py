@@ -912,10 +912,7 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 def progress(partial: dict[str, Any], quant: str = quant, mode: str = mode) -> None:
                     runs[quant][mode] = {**partial, "unfinished": True}
-                    try:
-                        common.save_results(name, record(finished=False), args.out)
-                    except Exception:  # a save that fails must not fail the mode it saves
-                        logger.exception("saving the record so far failed")
+                    common.save_partial(name, lambda: record(finished=False), args.out)
 
                 try:
                     runs[quant][mode] = run_mode(args, mode, quant, llm_folder, weights_folder, device, bandwidth, progress)

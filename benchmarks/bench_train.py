@@ -439,10 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in numbers:
             def progress(partial: dict[str, Any], key: str = f"stage{k}") -> None:
                 stages[key] = partial
-                try:
-                    common.save_results(name, record(finished=False), args.out)
-                except Exception:  # a save that fails must not fail the mode it saves
-                    logger.exception("saving the record so far failed")
+                common.save_partial(name, lambda: record(finished=False), args.out)
 
             stages[f"stage{k}"] = run_stage(k, args, llm_folder, peak, progress)
     path = common.save_results(name, record(finished=True), args.out)

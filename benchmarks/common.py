@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
@@ -251,6 +252,15 @@ def save_results(name: str, payload: dict[str, Any], out: str | os.PathLike | No
     draft.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     draft.replace(path)
     return path
+
+
+def save_partial(name: str, payload: Callable[[], dict[str, Any]], out: str | os.PathLike | None = None) -> None:
+    """:func:`save_results` of a record still growing (a part of a run just ended); a save that
+    fails is logged, not raised: it must not fail the part it saves."""
+    try:
+        save_results(name, payload(), out)
+    except Exception:
+        logging.getLogger(__name__).exception("saving the record so far failed")
 
 
 def fmt(value: float | None, spec: str) -> str:

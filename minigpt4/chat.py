@@ -192,15 +192,14 @@ def chat_loop(
 
 
 # ---- batch captioning ------------------------------------------------------------------------
-def list_images(folder: Path) -> list[Path]:
-    """The images in ``folder`` and its subfolders (hidden ones left out), in a stable order."""
+def list_images(folder: Path, flag: str = "--caption-dir") -> list[str]:
+    """The images in ``folder`` and its subfolders (hidden ones left out), sorted, each as its POSIX
+    path relative to ``folder`` (``sub/a.jpg``): how captions and stage-2 descriptions name them."""
     from minigpt4.common.cli import existing_folder
 
-    existing_folder("--caption-dir", folder)
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    existing_folder(flag, folder)
+    found = (p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(name.as_posix() for name in found if not any(part.startswith(".") for part in name.parts))
 
 
 def done_images(out_path: Path) -> set[str]:
@@ -245,19 +244,19 @@ def caption_folder(chat, folder: Path, out_path: Path, prompt: str = DEFAULT_CAP
 
         raise ArgumentError(f"--batch-size: must be at least 1, got {batch_size}")
     done = done_images(out_path)
-    images = list_images(folder)
-    todo = [p for p in images if p.relative_to(folder).as_posix() not in done]
-    logger.info("%d images in %s, %d already captioned, %d to go", len(images), folder, len(images) - len(todo), len(todo))
+    found = list_images(folder)
+    todo = [name for name in found if name not in done]
+    logger.info("%d images in %s, %d already captioned, %d to go", len(found), folder, len(found) - len(todo), len(todo))
     written = 0
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="captioning", unit="img") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             names, images = [], []
-            for path in batch:
+            for name in batch:
                 try:
-                    images.append(open_image(path))
-                    names.append(path.relative_to(folder).as_posix())
+                    images.append(open_image(folder / name))
+                    names.append(name)
                 except ImageError as err:
                     logger.warning("skipped: %s", err)
             captions = chat.answer_batch(images, prompt, **generation) if images else []

@@ -75,15 +75,6 @@ def check_filter_settings(out_path: Path, rejected_path: Path, settings: dict[st
     record.write_text(json.dumps(settings) + "\n")
 
 
-def list_images(image_dir: Path) -> list[str]:
-    """Every image under ``image_dir`` (subfolders included) as a relative POSIX path."""
-    from minigpt4.chat import IMAGE_SUFFIXES
-
-    if not image_dir.is_dir():
-        raise SystemExit(f"--image-dir: no such folder '{image_dir}'")
-    return sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The lines of a file this script wrote; a half-written last line (a killed run) is dropped."""
     from minigpt4.chat import done_images
@@ -157,12 +148,13 @@ def describe_folder(
 
     ``chat_factory`` builds the model only when something is left to describe.
     """
+    from minigpt4.chat import list_images
     from minigpt4.conversation import ImageError, open_image
 
     if batch_size < 1:
         raise SystemExit(f"--batch-size: must be at least 1, got {batch_size}")
     done = {row["image"] for row in read_jsonl(raw_path)}
-    names = list_images(image_dir)
+    names = list_images(image_dir, "--image-dir")
     todo = [name for name in names if name not in done]
     logger.info("describe: %d images in %s, %d already described, %d to go", len(names), image_dir, len(names) - len(todo), len(todo))
     if not todo:

@@ -518,11 +518,12 @@ class RunnerBase:
         self.start_epoch, self.start_iter = (epoch + 1, 0) if iters >= self.iters_per_epoch else (epoch, iters)
         self.train_loader.load_state_dict(ckpt["data_state"][self.dist.rank])
         self._rng_to_restore = ckpt["rng_state"][self.dist.rank]
-        params = dict(model.named_parameters())
-        if "pending_grads" not in ckpt and self.start_iter == 0 and self.iters_per_epoch % self.accum_grad_iters:
+        pending = ckpt.get("pending_grads")
+        if pending is None and self.start_iter == 0 and self.iters_per_epoch % self.accum_grad_iters:
             logger.warning("%s: '%s' predates saving the gradients an epoch of %d iterations leaves pending (run.accum_grad_iters %d): "
                            "the first optimizer step after it differs from an uninterrupted run's", key, path, self.iters_per_epoch,
                            self.accum_grad_iters)
-        for name, grad in (ckpt.get("pending_grads") or [{}] * self.dist.world_size)[self.dist.rank].items():
+        params = dict(model.named_parameters())
+        for name, grad in (pending[self.dist.rank] if pending else {}).items():
             params[name].grad = grad.to(device=params[name].device, dtype=params[name].dtype)
         logger.info("resumed from %s at epoch %d iteration %d", path, self.start_epoch, self.start_iter)
